@@ -1,0 +1,41 @@
+# Fresh machine with Python 3.11: `make demo` and `make test` set everything up themselves.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+DEVICE_VENV := .venv-device
+HOST_STAMP := $(VENV)/.installed
+DEVICE_STAMP := $(DEVICE_VENV)/.installed
+PIP_FLAGS := --quiet --disable-pip-version-check
+
+.PHONY: demo test lint format clean venv device-venv
+
+venv: $(HOST_STAMP)
+device-venv: $(DEVICE_STAMP)
+
+# Host environment: torch, transformers, peft, optimum, onnx + the device stack + dev tools.
+$(HOST_STAMP): setup.cfg pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install $(PIP_FLAGS) -e ".[host,dev]"
+	@touch $@
+
+# Device environment: only the `device` extra. The tests run edgeft here to prove it needs no torch.
+$(DEVICE_STAMP): setup.cfg pyproject.toml
+	$(PY) -m venv $(DEVICE_VENV)
+	$(DEVICE_VENV)/bin/pip install $(PIP_FLAGS) -e ".[device]"
+	@touch $@
+
+demo: $(HOST_STAMP)
+	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash examples/quickstart.sh
+
+test: $(HOST_STAMP) $(DEVICE_STAMP)
+	EDGEFT_DEVICE_VENV="$(CURDIR)/$(DEVICE_VENV)" $(VENV)/bin/python -m pytest -q
+
+lint: $(HOST_STAMP)
+	$(VENV)/bin/ruff check edgeft tests examples
+	$(VENV)/bin/ruff format --check edgeft tests examples
+
+format: $(HOST_STAMP)
+	$(VENV)/bin/ruff format edgeft tests examples
+	$(VENV)/bin/ruff check --fix edgeft tests examples
+
+clean:
+	rm -rf $(VENV) $(DEVICE_VENV) demo-out .pytest_cache

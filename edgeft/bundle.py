@@ -1,0 +1,113 @@
+"""The bundle contract shared by host and device: file names, manifest checks, parameter layout.
+
+The format is written down in ``artifacts/SPEC.md`` and ``artifacts/manifest.schema.json``.
+No torch, transformers, peft or onnx here: the device imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+from edgeft.errors import EdgeftError
+from edgeft.fsutil import sha256_file
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+GRAPH_INPUTS = ("input_ids", "attention_mask", "labels", "num_loss_tokens")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
+
+
+def peft_key(onnx_name: str) -> str:
+    """ONNX/PEFT parameter name -> PEFT state-dict key (the adapter name ``default`` is dropped)."""
+    return re.sub(r"\.(lora_[AB])\.default\.", r".\1.", onnx_name)
+
+
+def file_table(root: Path) -> dict[str, dict]:
+    """sha256 and size of every file in the bundle except the manifest itself."""
+    table = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if rel != MANIFEST:
+            table[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    return table
+
+
+@dataclass
+class Bundle:
+    """A bundle directory with its validated manifest."""
+
+    root: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Bundle:
+        root = Path(path)
+        mpath = root / MANIFEST
+        if not root.is_dir():
+            raise EdgeftError(f"{root}: bundle directory not found")
+        if not mpath.is_file():
+            raise EdgeftError(f"{mpath}: not found (is {root} an edgeft bundle?)")
+        try:
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise EdgeftError(f"{mpath}: invalid JSON ({e})") from None
+        validate_manifest(manifest, mpath)
+        bundle = cls(root, manifest)
+        bundle.check_files()
+        return bundle
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def check_files(self) -> None:
+        """Cheap integrity check on every open: each listed file exists with its recorded size."""
+        for rel, meta in self.manifest["files"].items():
+            p = self.root / rel
+            if not p.is_file():
+                raise EdgeftError(f"{p}: missing from the bundle (listed in {MANIFEST})")
+            if p.stat().st_size != meta["size"]:
+                raise EdgeftError(f"{p}: size {p.stat().st_size} differs from {meta['size']} in {MANIFEST}")
+
+    @cached_property
+    def trainable(self) -> list[dict]:
+        return [p for p in self.manifest["parameters"] if p["trainable"]]
+
+    @cached_property
+    def frozen(self) -> list[dict]:
+        return [p for p in self.manifest["parameters"] if not p["trainable"]]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.manifest["max_seq_len"]
+
+    def seq_len(self, requested: int | None) -> int:
+        """The sequence limit to use: ``requested`` if given and within the bundle's own limit."""
+        if requested is None:
+            return self.max_seq_len
+        if not 2 <= requested <= self.max_seq_len:
+            raise EdgeftError(f"--max-seq-len must be between 2 and the bundle's max_seq_len {self.max_seq_len}")
+        return requested
+
+
+def validate_manifest(manifest: dict, where: Path) -> None:
+    """Version gate first (a clear message for newer bundles), then the JSON schema."""
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise EdgeftError(
+            f"{where}: bundle format_version {version} is newer than this edgeft supports "
+            f"({FORMAT_VERSION}); upgrade edgeft on this device"
+        )
+    import jsonschema
+
+    schema = json.loads(SCHEMA_PATH.read_text())
+    errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(manifest), key=lambda e: list(e.path))
+    if errors:
+        err = errors[0]
+        field = "/".join(str(p) for p in err.path) or "(top level)"
+        raise EdgeftError(f"{where}: field {field}: {err.message}")

@@ -1,0 +1,146 @@
+"""The ``edgeft`` command line. Commands only parse options and call one stage function;
+heavy imports happen inside the commands so ``edgeft --help`` stays instant on a device."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from edgeft import __version__
+from edgeft.errors import EdgeftError
+
+PathArg = click.Path(path_type=Path)
+
+
+class _Group(click.Group):
+    """Turns EdgeftError into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EdgeftError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="edgeft")
+def main() -> None:
+    """Export Hugging Face models to ONNX Runtime training bundles; fine-tune them on devices."""
+
+
+def _csv(_ctx, _param, value):
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+@main.command()
+@click.argument("model_dir", type=PathArg)
+@click.option("--out", required=True, type=PathArg, help="Bundle directory to write.")
+@click.option("--lora-r", default=8, show_default=True, type=int)
+@click.option("--lora-alpha", default=16.0, show_default=True, type=float)
+@click.option("--lora-dropout", default=0.0, show_default=True, type=float)
+@click.option("--target-modules", callback=_csv, help="Comma-separated LoRA targets (default: per model type).")
+@click.option("--max-seq-len", default=512, show_default=True, type=int)
+@click.option("--init-adapter", type=PathArg, help="Start from this PEFT LoRA adapter (its r/alpha/targets win).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
+def export(model_dir, out, lora_r, lora_alpha, lora_dropout, target_modules, max_seq_len, init_adapter, overwrite):
+    """(host) Export MODEL_DIR (a Hugging Face causal LM) to a training bundle."""
+    from edgeft.host.export import ExportConfig, export_bundle
+
+    path = export_bundle(
+        ExportConfig(
+            model_dir, out, lora_r, lora_alpha, lora_dropout, target_modules, max_seq_len, init_adapter, overwrite
+        )
+    )
+    click.echo(f"bundle: {path}")
+
+
+@main.command()
+@click.argument("bundle", type=PathArg)
+@click.option("--data", required=True, type=PathArg, help="Training data, JSON Lines.")
+@click.option("--out", required=True, type=PathArg, help="Run directory (adapter, checkpoints, summary).")
+@click.option("--eval-data", type=PathArg, help="Held-out JSON Lines; eval loss before and after.")
+@click.option("--max-steps", type=int, help="Optimizer steps (default: one epoch).")
+@click.option("--epochs", type=float)
+@click.option("--lr", default=2e-4, show_default=True, type=float)
+@click.option("--warmup-steps", default=0, show_default=True, type=int)
+@click.option("--batch-size", default=4, show_default=True, type=int)
+@click.option("--grad-accum", default=1, show_default=True, type=int)
+@click.option("--max-seq-len", type=int, help="Default: the bundle's.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--save-every", default=0, show_default=True, type=int, help="Checkpoint every N steps (0: never).")
+@click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in --out.")
+@click.option("--truncate", is_flag=True, help="Cut over-long samples instead of refusing them.")
+@click.option("--threads", type=int, help="Intra-op threads (default: all cores).")
+@click.option("--no-progress", is_flag=True)
+def train(
+    bundle,
+    data,
+    out,
+    eval_data,
+    max_steps,
+    epochs,
+    lr,
+    warmup_steps,
+    batch_size,
+    grad_accum,
+    max_seq_len,
+    seed,
+    save_every,
+    resume,
+    truncate,
+    threads,
+    no_progress,
+):
+    """(device) Fine-tune the bundle's LoRA adapter on local data."""
+    from edgeft.device.train import TrainConfig
+    from edgeft.device.train import train as run_training
+
+    summary = run_training(
+        TrainConfig(
+            bundle,
+            data,
+            out,
+            eval_data,
+            max_steps,
+            epochs,
+            lr,
+            warmup_steps,
+            batch_size,
+            grad_accum,
+            max_seq_len,
+            seed,
+            save_every,
+            resume,
+            truncate,
+            threads,
+            not no_progress,
+        )
+    )
+    shown = {
+        k: summary[k] for k in ("steps", "eval_loss_before", "eval_loss", "tokens_per_second", "peak_rss_mb", "seconds")
+    }
+    shown["final_loss"] = summary["losses"][-1] if summary["losses"] else None
+    click.echo(json.dumps(shown))
+
+
+@main.command(name="eval")
+@click.argument("bundle", type=PathArg)
+@click.option("--data", required=True, type=PathArg)
+@click.option("--adapter", type=PathArg, help="A PEFT LoRA adapter directory (default: the bundle's initial one).")
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--max-seq-len", type=int)
+@click.option("--truncate", is_flag=True)
+@click.option("--threads", type=int)
+def eval_(bundle, data, adapter, batch_size, max_seq_len, truncate, threads):
+    """(device) Print {"loss", "perplexity"} of the bundle on DATA."""
+    from edgeft.device.evaluate import EvalConfig, evaluate
+
+    click.echo(json.dumps(evaluate(EvalConfig(bundle, data, adapter, batch_size, max_seq_len, truncate, threads))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Device stage: loss and perplexity of a bundle (optionally with an adapter) on JSONL data."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from edgeft.bundle import Bundle
+from edgeft.device.data import Example, load_examples, make_batches
+from edgeft.errors import EdgeftError
+
+if TYPE_CHECKING:
+    from edgeft.device.runtime import LoraModel
+
+
+@dataclass
+class EvalConfig:
+    bundle: Path
+    data: Path
+    adapter: Path | None = None
+    batch_size: int = 8
+    max_seq_len: int | None = None
+    truncate: bool = False
+    threads: int | None = None
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """``{"loss": mean over loss-bearing tokens, "perplexity": exp(loss), "tokens": count}``."""
+    from edgeft.device.adapter import load_adapter
+    from edgeft.device.runtime import LoraModel
+    from edgeft.device.tokenizer import BundleTokenizer
+
+    if cfg.batch_size < 1:
+        raise EdgeftError("--batch-size must be at least 1")
+    bundle = Bundle.open(cfg.bundle)
+    tok = BundleTokenizer.from_dir(bundle.root)
+    examples = load_examples(cfg.data, tok, bundle.seq_len(cfg.max_seq_len), truncate=cfg.truncate)
+    adapter = cfg.adapter or bundle.path(bundle.manifest["lora"]["init_adapter"])
+    model = LoraModel(bundle, load_adapter(adapter, bundle), cfg.threads)
+    loss, tokens = mean_loss(model, examples, cfg.batch_size, tok.pad_token_id)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
+
+
+def mean_loss(model: LoraModel, examples: list[Example], batch_size: int, pad_token_id: int) -> tuple[float, int]:
+    """Token-weighted mean loss: each batch returns its summed loss (denominator 1)."""
+    total, tokens = 0.0, 0
+    for batch in make_batches(examples, batch_size, pad_token_id, seed=0, epoch=0):
+        total += model.loss(batch, 1.0)
+        tokens += batch.num_loss_tokens
+    return total / tokens, tokens

@@ -1,0 +1,255 @@
+"""Device stage: fine-tune a bundle's LoRA adapter on local JSONL data. Entry: :func:`train`.
+
+Checkpoints hold the LoRA tensors, the AdamW moments and the data position; each is written in
+a staging directory, fsynced and renamed, so ``--resume`` always finds a complete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeft.bundle import Bundle
+from edgeft.device.adapter import load_adapter, save_adapter
+from edgeft.device.data import Batch, Example, load_examples, make_batches
+from edgeft.device.evaluate import mean_loss
+from edgeft.device.optim import AdamW, linear_schedule
+from edgeft.device.runtime import LoraModel
+from edgeft.device.tokenizer import BundleTokenizer
+from edgeft.errors import EdgeftError
+from edgeft.fsutil import atomic_write_json, fsync_tree, sha256_file
+
+CHECKPOINTS = "checkpoints"
+KEEP_CHECKPOINTS = 2
+
+
+@dataclass
+class TrainConfig:
+    bundle: Path
+    data: Path
+    out: Path
+    eval_data: Path | None = None
+    max_steps: int | None = None
+    epochs: float | None = None
+    lr: float = 2e-4
+    warmup_steps: int = 0
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_seq_len: int | None = None
+    seed: int = 0
+    save_every: int = 0
+    resume: bool = False
+    truncate: bool = False
+    threads: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class _Position:
+    """Where the data stream stands: the next micro-batch is ``batches(epoch)[index]``."""
+
+    epoch: int = 0
+    index: int = 0
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run training; returns the summary that is also written to ``RUN_DIR/summary.json``."""
+    _check_config(cfg)
+    bundle = Bundle.open(cfg.bundle)
+    tok = BundleTokenizer.from_dir(bundle.root)
+    seq_len = bundle.seq_len(cfg.max_seq_len)
+    examples = load_examples(cfg.data, tok, seq_len, truncate=cfg.truncate)
+    evals = load_examples(cfg.eval_data, tok, seq_len, truncate=cfg.truncate) if cfg.eval_data else None
+    run = _Run(cfg, bundle, tok, examples)
+    return run.execute(evals)
+
+
+def _check_config(cfg: TrainConfig) -> None:
+    if cfg.max_steps is not None and cfg.epochs is not None:
+        raise EdgeftError("give --max-steps or --epochs, not both")
+    for name in ("batch_size", "grad_accum"):
+        if getattr(cfg, name) < 1:
+            raise EdgeftError(f"--{name.replace('_', '-')} must be at least 1")
+    if (cfg.max_steps is not None and cfg.max_steps < 1) or (cfg.epochs is not None and cfg.epochs <= 0):
+        raise EdgeftError("--max-steps and --epochs must be positive")
+    if cfg.lr <= 0 or cfg.warmup_steps < 0 or cfg.save_every < 0:
+        raise EdgeftError("--lr must be positive; --warmup-steps and --save-every must not be negative")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise EdgeftError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not cfg.resume:
+        raise EdgeftError(f"{out}: already holds a run; pass --resume to continue it or choose another --out")
+
+
+class _Run:
+    """State of one training run: model, optimizer, data position, history."""
+
+    def __init__(self, cfg: TrainConfig, bundle: Bundle, tok: BundleTokenizer, examples: list[Example]):
+        self.cfg, self.bundle, self.examples = cfg, bundle, examples
+        self.pad = tok.pad_token_id
+        self.out = Path(cfg.out)
+        self.n_batches = math.ceil(len(examples) / cfg.batch_size)
+        self.total = cfg.max_steps or max(1, math.ceil((cfg.epochs or 1) * self.n_batches / cfg.grad_accum))
+        opt = bundle.manifest["optimizer"]
+        self.optim = AdamW(tuple(opt["betas"]), opt["eps"], opt["weight_decay"], opt["max_grad_norm"])
+        self.pos, self.step, self.losses, self.tokens, self.seconds = _Position(), 0, [], 0, 0.0
+        self.fingerprint = self._fingerprint()
+        self._batches: tuple[int, list[Batch]] | None = None
+
+    def _fingerprint(self) -> dict:
+        keep = (
+            "max_steps",
+            "epochs",
+            "lr",
+            "warmup_steps",
+            "batch_size",
+            "grad_accum",
+            "max_seq_len",
+            "seed",
+            "truncate",
+        )
+        fp = {k: v for k, v in asdict(self.cfg).items() if k in keep}
+        fp["data_sha256"] = sha256_file(self.cfg.data)
+        fp["bundle_manifest_sha256"] = hashlib.sha256(
+            json.dumps(self.bundle.manifest, sort_keys=True).encode()
+        ).hexdigest()
+        return fp
+
+    def execute(self, evals: list[Example] | None) -> dict:
+        lora = self._restore() if self.cfg.resume else None
+        if lora is None:
+            lora = load_adapter(self.bundle.path(self.bundle.manifest["lora"]["init_adapter"]), self.bundle)
+        model = LoraModel(self.bundle, lora, self.cfg.threads)
+        before = mean_loss(model, evals, self.cfg.batch_size, self.pad)[0] if evals else None
+        self._loop(model)
+        after = mean_loss(model, evals, self.cfg.batch_size, self.pad)[0] if evals else None
+        save_adapter(self.out / "adapter", self.bundle, model.lora())
+        return self._summary(before, after)
+
+    def _loop(self, model: LoraModel) -> None:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=self.total,
+            initial=self.step,
+            unit="step",
+            desc="train",
+            disable=not self.cfg.progress,
+            mininterval=0.1 if sys.stderr.isatty() else 2.0,
+        )
+        while self.step < self.total:
+            t0 = time.perf_counter()
+            loss, ntok = self._optimizer_step(model)
+            self.seconds += time.perf_counter() - t0
+            self.step += 1
+            self.losses.append(loss)
+            self.tokens += ntok
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tokens / max(self.seconds, 1e-9):.0f}")
+            if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total:
+                self._save_checkpoint(model)
+        bar.close()
+
+    def _optimizer_step(self, model: LoraModel) -> tuple[float, int]:
+        micro = [self._next_batch() for _ in range(self.cfg.grad_accum)]
+        denominator = float(sum(b.num_loss_tokens for b in micro))
+        model.zero_grad()
+        loss = sum(model.forward_backward(b, denominator) for b in micro)
+        lr = linear_schedule(self.step, self.cfg.lr, self.cfg.warmup_steps, self.total)
+        model.set_lora(self.optim.step(model.lora(), model.gradients(), lr))
+        return loss, sum(b.num_tokens for b in micro)
+
+    def _next_batch(self) -> Batch:
+        if self._batches is None or self._batches[0] != self.pos.epoch:
+            self._batches = (
+                self.pos.epoch,
+                make_batches(self.examples, self.cfg.batch_size, self.pad, self.cfg.seed, self.pos.epoch),
+            )
+        batch = self._batches[1][self.pos.index]
+        self.pos.index += 1
+        if self.pos.index == len(self._batches[1]):
+            self.pos = _Position(self.pos.epoch + 1, 0)
+        return batch
+
+    def _save_checkpoint(self, model: LoraModel) -> None:
+        from safetensors.numpy import save_file
+
+        root = self.out / CHECKPOINTS
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".step-", dir=root))
+        try:
+            save_file(model.lora(), str(staging / "lora.safetensors"))
+            save_file(self.optim.state_tensors(), str(staging / "optimizer.safetensors"))
+            state = {
+                "step": self.step,
+                "position": asdict(self.pos),
+                "losses": self.losses,
+                "tokens": self.tokens,
+                "seconds": self.seconds,
+                "config": self.fingerprint,
+            }
+            atomic_write_json(staging / "state.json", state)
+            fsync_tree(staging)
+            os.replace(staging, root / f"step-{self.step:08d}")
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        for old in _complete_checkpoints(root)[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old)
+
+    def _restore(self) -> dict[str, np.ndarray] | None:
+        """Load the newest complete checkpoint; None when there is none yet."""
+        from safetensors.numpy import load_file
+
+        found = _complete_checkpoints(self.out / CHECKPOINTS)
+        if not found:
+            return None
+        ckpt = found[-1]
+        state = json.loads((ckpt / "state.json").read_text())
+        changed = [k for k, v in self.fingerprint.items() if state["config"].get(k) != v]
+        if changed:
+            raise EdgeftError(
+                f"{ckpt}: cannot resume, these settings or inputs changed since it was written: {', '.join(changed)}"
+            )
+        self.step, self.losses, self.tokens, self.seconds = (
+            state["step"],
+            state["losses"],
+            state["tokens"],
+            state["seconds"],
+        )
+        self.pos = _Position(**state["position"])
+        self.optim.load_state_tensors(load_file(str(ckpt / "optimizer.safetensors")), self.step)
+        return load_file(str(ckpt / "lora.safetensors"))
+
+    def _summary(self, before: float | None, after: float | None) -> dict:
+        summary = {
+            "steps": self.step,
+            "losses": self.losses,
+            "eval_loss_before": before,
+            "eval_loss": after,
+            "tokens": self.tokens,
+            "tokens_per_second": self.tokens / max(self.seconds, 1e-9),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "seconds": self.seconds,
+            "adapter": str(self.out / "adapter"),
+        }
+        atomic_write_json(self.out / "summary.json", summary)
+        return summary
+
+
+def _complete_checkpoints(root: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (staging dirs start with '.', so they never match)."""
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())

@@ -1,0 +1,341 @@
+"""Host stage: Hugging Face causal LM + LoRA (peft) -> ONNX Runtime training bundle.
+
+The one public entry is :func:`export_bundle`. Everything runs on the host, which has torch,
+transformers, peft and onnx; the bundle it writes is read on the device without them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeft import __version__
+from edgeft.bundle import (
+    FORMAT_VERSION,
+    GRAPH_INPUTS,
+    MANIFEST,
+    TOKENIZER_FILES,
+    file_table,
+    peft_key,
+)
+from edgeft.errors import EdgeftError
+from edgeft.fsutil import atomic_write_json, fsync_tree
+from edgeft.models import MODEL_TABLE, default_lora_targets
+
+log = logging.getLogger(__name__)
+OPSET = 17
+ADAM = {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "max_grad_norm": 1.0}
+
+
+@dataclass
+class ExportConfig:
+    model_dir: Path
+    out: Path
+    lora_r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] | None = None
+    max_seq_len: int = 512
+    init_adapter: Path | None = None
+    overwrite: bool = False
+
+
+def export_bundle(cfg: ExportConfig) -> Path:
+    """Export ``cfg.model_dir`` to a bundle at ``cfg.out``; written in a staging dir, then renamed."""
+    t0 = time.time()
+    hf_config = _check_inputs(cfg)
+    model, lora_cfg = _load_peft_model(cfg, hf_config)
+    out = Path(cfg.out).resolve()
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _write_bundle(cfg, model, lora_cfg, hf_config, staging)
+        fsync_tree(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("bundle written to %s in %.1fs", out, time.time() - t0)
+    return out
+
+
+def _check_inputs(cfg: ExportConfig) -> dict:
+    model_dir = Path(cfg.model_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise EdgeftError(f"{config_path}: not found (MODEL_DIR must be a Hugging Face model directory)")
+    if not (model_dir / "tokenizer.json").is_file():
+        raise EdgeftError(f"{model_dir / 'tokenizer.json'}: not found (a fast tokenizer file is required)")
+    hf_config = json.loads(config_path.read_text())
+    model_type = hf_config.get("model_type")
+    if cfg.target_modules is None and cfg.init_adapter is None:
+        default_lora_targets(model_type)  # raises the clear unknown-type error
+    if cfg.lora_r < 1 or cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1:
+        raise EdgeftError("--lora-r must be >= 1, --lora-alpha > 0 and --lora-dropout in [0, 1)")
+    if cfg.max_seq_len < 2:
+        raise EdgeftError("--max-seq-len must be at least 2")
+    out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise EdgeftError(f"{out}: already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return hf_config
+
+
+def _load_peft_model(cfg: ExportConfig, hf_config: dict):
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model_dir, torch_dtype=torch.float32, attn_implementation="eager")
+    if cfg.init_adapter is not None:
+        lora_cfg = _check_init_adapter(Path(cfg.init_adapter))
+        model = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
+        return model, model.peft_config["default"]
+    targets = cfg.target_modules or default_lora_targets(hf_config["model_type"])
+    lora_cfg = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora_cfg), lora_cfg
+    except ValueError as e:  # peft: target modules not found in the model
+        raise EdgeftError(f"--target-modules {','.join(targets)}: {e}") from None
+
+
+def _check_init_adapter(path: Path) -> dict:
+    cfg_path = path / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise EdgeftError(f"{cfg_path}: not found (--init-adapter takes a PEFT adapter directory)")
+    if not (path / "adapter_model.safetensors").is_file():
+        raise EdgeftError(f"{path / 'adapter_model.safetensors'}: not found (only safetensors adapters are loaded)")
+    acfg = json.loads(cfg_path.read_text())
+    if acfg.get("peft_type") != "LORA":
+        raise EdgeftError(f"{cfg_path}: peft_type {acfg.get('peft_type')!r} is not supported (LORA only)")
+    for flag in ("use_dora", "use_rslora"):
+        if acfg.get(flag):
+            raise EdgeftError(f"{cfg_path}: {flag} adapters are not supported yet")
+    if acfg.get("rank_pattern") or acfg.get("alpha_pattern"):
+        raise EdgeftError(f"{cfg_path}: rank_pattern/alpha_pattern are not supported yet")
+    return acfg
+
+
+def loss_module(peft_model, sliding_window: int | None = None):
+    """The torch module whose ONNX export is the training graph: inputs -> causal-LM loss.
+
+    ``loss = sum of token cross-entropies / num_loss_tokens``: the caller passes the token count
+    of the whole accumulated batch, so gradient accumulation weighs every token equally.
+    """
+    import torch
+
+    class LossModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.peft = peft_model
+
+        def forward(self, input_ids, attention_mask, labels, num_loss_tokens):
+            mask = _additive_mask(attention_mask, sliding_window)
+            seq = input_ids.shape[1]
+            pos = torch.arange(seq, dtype=torch.long).unsqueeze(0).expand(input_ids.shape[0], seq)
+            logits = self.peft(input_ids=input_ids, attention_mask=mask, position_ids=pos).logits
+            vocab = logits.shape[-1]
+            # Labels are shifted here, inside the graph: position t predicts token t + 1.
+            ce = torch.nn.functional.cross_entropy(
+                logits[:, :-1, :].reshape(-1, vocab).float(),
+                labels[:, 1:].reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
+            return ce / num_loss_tokens
+
+    return LossModel()
+
+
+def _additive_mask(attention_mask, sliding_window: int | None):
+    """4-D causal + padding mask, built here because transformers' vmap mask code does not trace."""
+    import torch
+
+    seq = attention_mask.shape[1]
+    idx = torch.arange(seq)
+    allowed = idx.unsqueeze(1) >= idx.unsqueeze(0)
+    if sliding_window:
+        allowed = allowed & ((idx.unsqueeze(1) - idx.unsqueeze(0)) < sliding_window)
+    allowed = allowed.unsqueeze(0).unsqueeze(0) & attention_mask.bool().unsqueeze(1).unsqueeze(2)
+    zeros = torch.zeros(allowed.shape, dtype=torch.float32)
+    return zeros.masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+def _export_onnx(peft_model, hf_config: dict, path: Path):
+    import torch
+
+    window = hf_config.get("sliding_window") if hf_config.get("use_sliding_window", True) else None
+    wrapper = loss_module(peft_model, window)
+    wrapper.train()  # training mode: the exporter then keeps equal-valued weights as separate initializers
+    ids = torch.randint(0, hf_config["vocab_size"], (2, 8))
+    mask = torch.ones_like(ids)
+    count = torch.tensor(14.0)
+    dynamic_axes = {n: {0: "batch", 1: "seq"} for n in GRAPH_INPUTS[:3]}
+    with torch.no_grad():
+        torch.onnx.export(
+            wrapper,
+            (ids, mask, ids.clone(), count),
+            str(path),
+            input_names=list(GRAPH_INPUTS),
+            output_names=["loss"],
+            dynamic_axes=dynamic_axes,
+            opset_version=OPSET,
+            training=torch.onnx.TrainingMode.PRESERVE,
+            do_constant_folding=False,
+            dynamo=False,
+        )
+
+
+def _param_names(peft_model) -> dict[str, str]:
+    """ONNX initializer name (exporter prefix stripped) -> Hugging Face / PEFT key."""
+    names = {}
+    for name, _ in peft_model.named_parameters():
+        if "lora_" in name:
+            names[name] = peft_key(name)
+        else:
+            key = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+            names[name] = key
+    return names
+
+
+def _graph_and_params(peft_model, hf_config: dict, work: Path):
+    """Export, strip the wrapper prefix from initializer names, return (model proto, {name: array})."""
+    import onnx
+    from onnx import numpy_helper
+
+    raw = work / "forward.onnx"
+    _export_onnx(peft_model, hf_config, raw)
+    proto = onnx.load(str(raw))
+    renames = {}
+    for init in proto.graph.initializer:
+        if init.name.startswith("peft."):
+            renames[init.name] = init.name.removeprefix("peft.")
+            init.name = renames[init.name]
+    for node in proto.graph.node:
+        node.input[:] = [renames.get(i, i) for i in node.input]
+    params = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer if i.name in _param_names(peft_model)}
+    return proto, params
+
+
+def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out: Path) -> None:
+    from onnxruntime.training import artifacts
+    from safetensors.numpy import save_file
+
+    work = Path(tempfile.mkdtemp(prefix="edgeft-export-"))
+    try:
+        proto, params = _graph_and_params(peft_model, hf_config, work)
+        keys = _param_names(peft_model)
+        trainable = [n for n in params if "lora_" in n]
+        frozen = [n for n in params if n not in trainable]
+        if not trainable:
+            raise EdgeftError("no LoRA parameters ended up in the graph (check --target-modules)")
+        # Frozen weights become graph inputs too: no constant folding copies them, and one
+        # training session shares them between the training and the eval graph.
+        artifacts.generate_artifacts(
+            proto,
+            requires_grad=trainable,
+            frozen_params=frozen,
+            loss=None,
+            optimizer=None,  # AdamW runs on the device over the LoRA tensors (edgeft/device/optim.py)
+            artifact_directory=out,
+            nominal_checkpoint=True,
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    (out / "checkpoint").unlink()  # the complete checkpoint repeats every weight: keep the nominal one
+    save_file({keys[n]: np.ascontiguousarray(params[n]) for n in frozen}, str(out / "weights.safetensors"))
+    _write_init_adapter(peft_model, lora_cfg, {n: params[n] for n in trainable}, keys, out / "adapter")
+    _copy_tokenizer(Path(cfg.model_dir), out)
+    order = _parameter_order(out / "training_model.onnx", params)
+    manifest = _manifest(cfg, lora_cfg, hf_config, keys, params, order, trainable, out)
+    atomic_write_json(out / MANIFEST, manifest)
+
+
+def _parameter_order(training_model: Path, params: dict) -> list[str]:
+    """Parameter names in training-graph input order: the layout of ORT's contiguous buffer."""
+    import onnx
+
+    graph = onnx.load(str(training_model), load_external_data=False).graph
+    return [i.name for i in graph.input if i.name in params]
+
+
+def _write_init_adapter(peft_model, lora_cfg, lora: dict, keys: dict, path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    path.mkdir()
+    save_file({keys[n]: np.ascontiguousarray(a) for n, a in lora.items()}, str(path / "adapter_model.safetensors"))
+    config = lora_cfg.to_dict() if hasattr(lora_cfg, "to_dict") else dict(lora_cfg)
+    config["base_model_name_or_path"] = peft_model.base_model.model.config.name_or_path or None
+    config["inference_mode"] = True
+    config = json.loads(json.dumps(config, default=sorted))  # sets (target_modules) -> sorted lists
+    atomic_write_json(path / "adapter_config.json", config)
+
+
+def _copy_tokenizer(model_dir: Path, out: Path) -> None:
+    for name in TOKENIZER_FILES + (
+        "chat_template.jinja",
+        "config.json",
+        "generation_config.json",
+        "special_tokens_map.json",
+    ):
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, out / name)
+
+
+def _manifest(cfg, lora_cfg, hf_config, keys, params, order, trainable, out: Path) -> dict:
+    lora = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    tok_cfg = (
+        json.loads((out / "tokenizer_config.json").read_text()) if (out / "tokenizer_config.json").is_file() else {}
+    )
+    return {
+        "format_version": FORMAT_VERSION,
+        "edgeft_version": __version__,
+        "model_type": hf_config["model_type"],
+        "base_model": str(hf_config.get("_name_or_path") or Path(cfg.model_dir).name),
+        "vocab_size": hf_config["vocab_size"],
+        "max_seq_len": cfg.max_seq_len,
+        "lora": {
+            "r": lora["r"],
+            "lora_alpha": lora["lora_alpha"],
+            "lora_dropout": lora["lora_dropout"],
+            "target_modules": sorted(lora["target_modules"])
+            if isinstance(lora["target_modules"], list)
+            else lora["target_modules"],
+            "trainable_parameters": int(sum(params[n].size for n in trainable)),
+            "init_adapter": "adapter",
+        },
+        "optimizer": {"name": "adamw", **ADAM},
+        "graphs": {
+            "training": {"file": "training_model.onnx", "inputs": list(GRAPH_INPUTS), "outputs": ["loss"]},
+            "eval": {"file": "eval_model.onnx", "inputs": list(GRAPH_INPUTS), "outputs": ["loss"]},
+        },
+        "checkpoint": "nominal_checkpoint",
+        "weights": "weights.safetensors",
+        "parameters": [
+            {"onnx": n, "key": keys[n], "shape": list(params[n].shape), "trainable": n in trainable} for n in order
+        ],
+        "tokenizer": {
+            "files": [f for f in TOKENIZER_FILES if (out / f).is_file()],
+            "chat_template": bool(tok_cfg.get("chat_template")),
+        },
+        "files": file_table(out),
+    }
+
+
+__all__ = ["ExportConfig", "export_bundle", "MODEL_TABLE"]
