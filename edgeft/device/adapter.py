@@ -35,6 +35,11 @@ def read_adapter_config(path: Path) -> dict:
         raise EdgeftError(f"{cfg_path}: invalid JSON ({e})") from None
     if not isinstance(cfg, dict) or cfg.get("peft_type") != "LORA":
         raise EdgeftError(f"{cfg_path}: peft_type must be LORA")
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise EdgeftError(f"{cfg_path}: field r must be a positive integer, got {r!r}")
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or alpha <= 0:
+        raise EdgeftError(f"{cfg_path}: field lora_alpha must be a positive number, got {alpha!r}")
     for flag in ("use_dora", "use_rslora"):
         if cfg.get(flag):
             raise EdgeftError(f"{cfg_path}: {flag} adapters are not supported yet")
@@ -52,9 +57,7 @@ def load_adapter(path: str | os.PathLike, bundle: Bundle) -> dict[str, np.ndarra
     path = Path(path)
     cfg = read_adapter_config(path)
     tensors = _read_tensors(path / WEIGHTS)
-    scale = (cfg.get("lora_alpha", 8) / cfg.get("r", 8)) / (
-        bundle.manifest["lora"]["lora_alpha"] / bundle.manifest["lora"]["r"]
-    )
+    scale = (cfg["lora_alpha"] / cfg["r"]) / (bundle.manifest["lora"]["lora_alpha"] / bundle.manifest["lora"]["r"])
     known = {p["key"]: p for p in bundle.trainable}
     stray = sorted(k for k in tensors if _normalize(k) not in known)
     if stray:

@@ -78,6 +78,8 @@ def _iter_records(path: str) -> Iterator[tuple[int, Any]]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise EdgeftError(f"{path}:{number}: invalid JSON ({e.msg})") from None
+            except RecursionError:
+                raise EdgeftError(f"{path}:{number}: invalid JSON (nested too deeply)") from None
             yield number, record
 
 
@@ -87,7 +89,16 @@ def _require_str(record: dict[str, Any], key: str, allow_empty: bool = True) -> 
         raise _SampleError(f"'{key}' must be a string, got {type(value).__name__}")
     if not allow_empty and not value:
         raise _SampleError(f"'{key}' is empty")
+    _check_encodable(value, f"'{key}'")
     return value
+
+
+def _check_encodable(value: str, what: str) -> None:
+    # JSON may carry lone surrogate escapes ("\ud800") that are valid JSON but not text.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _SampleError(f"{what} contains an unpaired surrogate escape") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,6 +135,7 @@ def _check_messages(messages: Any) -> None:
             raise _SampleError(f"messages[{i}] has role {m['role']!r}; allowed roles are {', '.join(ROLES)}")
         if not isinstance(m["content"], str):
             raise _SampleError(f"messages[{i}].content must be a string, got {type(m['content']).__name__}")
+        _check_encodable(m["content"], f"messages[{i}].content")
         if m["role"] == "assistant" and not m["content"]:
             raise _SampleError(f"messages[{i}] is an assistant message with empty content")
     if not any(m["role"] == "assistant" for m in messages):

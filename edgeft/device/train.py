@@ -216,7 +216,13 @@ class _Run:
         if not found:
             return None
         ckpt = found[-1]
-        state = json.loads((ckpt / "state.json").read_text())
+        try:
+            state = json.loads((ckpt / "state.json").read_text())
+            state["config"], state["position"], state["step"]  # noqa: B018  (presence check)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise EdgeftError(
+                f"{ckpt / 'state.json'}: unreadable checkpoint ({e}); delete {ckpt} to resume from the one before"
+            ) from None
         changed = [k for k, v in self.fingerprint.items() if state["config"].get(k) != v]
         if changed:
             raise EdgeftError(

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,8 +76,15 @@ def _check_inputs(cfg: ExportConfig) -> dict:
         raise EdgeftError(f"{config_path}: not found (MODEL_DIR must be a Hugging Face model directory)")
     if not (model_dir / "tokenizer.json").is_file():
         raise EdgeftError(f"{model_dir / 'tokenizer.json'}: not found (a fast tokenizer file is required)")
-    hf_config = json.loads(config_path.read_text())
+    try:
+        hf_config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EdgeftError(f"{config_path}: invalid JSON ({e})") from None
+    if not isinstance(hf_config, dict) or not isinstance(hf_config.get("vocab_size"), int):
+        raise EdgeftError(f"{config_path}: not a Hugging Face model config (needs model_type and vocab_size)")
     model_type = hf_config.get("model_type")
+    if cfg.init_adapter is not None:
+        _check_init_adapter(Path(cfg.init_adapter))
     if cfg.target_modules is None and cfg.init_adapter is None:
         default_lora_targets(model_type)  # raises the clear unknown-type error
     if cfg.lora_r < 1 or cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1:
@@ -86,6 +94,8 @@ def _check_inputs(cfg: ExportConfig) -> dict:
     out = Path(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise EdgeftError(f"{out}: already exists (pass --overwrite to replace it)")
+    if out.exists() and not out.is_dir():
+        raise EdgeftError(f"{out}: exists and is not a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     return hf_config
 
@@ -98,7 +108,6 @@ def _load_peft_model(cfg: ExportConfig, hf_config: dict):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(cfg.model_dir, torch_dtype=torch.float32, attn_implementation="eager")
     if cfg.init_adapter is not None:
-        lora_cfg = _check_init_adapter(Path(cfg.init_adapter))
         model = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
         return model, model.peft_config["default"]
     targets = cfg.target_modules or default_lora_targets(hf_config["model_type"])
@@ -116,20 +125,13 @@ def _load_peft_model(cfg: ExportConfig, hf_config: dict):
 
 
 def _check_init_adapter(path: Path) -> dict:
-    cfg_path = path / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise EdgeftError(f"{cfg_path}: not found (--init-adapter takes a PEFT adapter directory)")
-    if not (path / "adapter_model.safetensors").is_file():
-        raise EdgeftError(f"{path / 'adapter_model.safetensors'}: not found (only safetensors adapters are loaded)")
-    acfg = json.loads(cfg_path.read_text())
-    if acfg.get("peft_type") != "LORA":
-        raise EdgeftError(f"{cfg_path}: peft_type {acfg.get('peft_type')!r} is not supported (LORA only)")
-    for flag in ("use_dora", "use_rslora"):
-        if acfg.get(flag):
-            raise EdgeftError(f"{cfg_path}: {flag} adapters are not supported yet")
-    if acfg.get("rank_pattern") or acfg.get("alpha_pattern"):
-        raise EdgeftError(f"{cfg_path}: rank_pattern/alpha_pattern are not supported yet")
-    return acfg
+    """The same checks a device applies to an adapter, before any model is loaded."""
+    from edgeft.device.adapter import WEIGHTS, read_adapter_config
+
+    cfg = read_adapter_config(path)
+    if not (path / WEIGHTS).is_file():
+        raise EdgeftError(f"{path / WEIGHTS}: not found (only safetensors adapters are loaded)")
+    return cfg
 
 
 def loss_module(peft_model, sliding_window: int | None = None):
@@ -149,7 +151,7 @@ def loss_module(peft_model, sliding_window: int | None = None):
             mask = _additive_mask(attention_mask, sliding_window)
             seq = input_ids.shape[1]
             pos = torch.arange(seq, dtype=torch.long).unsqueeze(0).expand(input_ids.shape[0], seq)
-            logits = self.peft(input_ids=input_ids, attention_mask=mask, position_ids=pos).logits
+            logits = self.peft(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
             vocab = logits.shape[-1]
             # Labels are shifted here, inside the graph: position t predicts token t + 1.
             ce = torch.nn.functional.cross_entropy(
@@ -187,7 +189,8 @@ def _export_onnx(peft_model, hf_config: dict, path: Path):
     mask = torch.ones_like(ids)
     count = torch.tensor(14.0)
     dynamic_axes = {n: {0: "batch", 1: "seq"} for n in GRAPH_INPUTS[:3]}
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer notes about constants and Python control flow
         torch.onnx.export(
             wrapper,
             (ids, mask, ids.clone(), count),
@@ -234,8 +237,12 @@ def _graph_and_params(peft_model, hf_config: dict, work: Path):
 
 
 def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out: Path) -> None:
-    from onnxruntime.training import artifacts
     from safetensors.numpy import save_file
+
+    from edgeft.device.ort import onnxruntime
+
+    onnxruntime()  # quiets ORT's graph-transformer log lines; must precede the training import
+    from onnxruntime.training import artifacts
 
     work = Path(tempfile.mkdtemp(prefix="edgeft-export-"))
     try:

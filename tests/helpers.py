@@ -1,0 +1,81 @@
+"""Host-side references for the tests: torch + PEFT computations to compare edgeft against."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from edgeft.device.data import Batch
+
+
+def make_peft_adapter(model_dir: Path, out: Path, r=8, alpha=16, targets=None, seed=1, b_std=0.05) -> Path:
+    """A PEFT LoRA adapter made on the host, with non-zero B so it changes the model's output."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, task_type="CAUSAL_LM")
+    model = get_peft_model(base, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * b_std)
+    model.save_pretrained(out)
+    return out
+
+
+def torch_peft_model(model_dir: Path, adapter_dir: Path, trainable: bool = False):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, attn_implementation="eager")
+    return PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)
+
+
+def torch_loss_sum(model, batch: Batch):
+    """Summed shifted cross-entropy of ``batch`` under a torch model (2-D mask, HF's own masking)."""
+    import torch
+
+    ids = torch.from_numpy(batch.input_ids)
+    logits = model(input_ids=ids, attention_mask=torch.from_numpy(batch.attention_mask)).logits
+    labels = torch.from_numpy(batch.labels)
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
+
+
+def ort_logits(bundle: Path, lora: dict[str, np.ndarray], batch: Batch) -> np.ndarray:
+    """Logits from the bundle's eval graph, exposing the lm_head output as an extra graph output."""
+    import onnx
+    import onnxruntime as ort
+    from safetensors.numpy import load_file
+
+    model = onnx.load(str(bundle / "eval_model.onnx"))
+    head = [n for n in model.graph.node if n.op_type == "MatMul" and "lm_head" in n.name][-1]
+    model.graph.output.append(onnx.helper.make_tensor_value_info(head.output[0], onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    weights = load_file(str(bundle / "weights.safetensors"))
+    feeds = {p["onnx"]: lora[p["onnx"]] if p["trainable"] else weights[p["key"]] for p in manifest["parameters"]}
+    feeds.update(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        labels=batch.labels,
+        num_loss_tokens=np.array(1.0, np.float32),
+    )
+    return session.run([head.output[0]], feeds)[0]
+
+
+def first_batch(bundle: Path, data: Path, batch_size: int = 3, lines: int = 6) -> Batch:
+    """A padded batch mixing text, prompt/completion and chat samples from ``data``."""
+    from edgeft.device.data import load_examples, make_batches
+    from edgeft.device.tokenizer import BundleTokenizer
+
+    tok = BundleTokenizer.from_dir(bundle)
+    examples = load_examples(data, tok, 128)[:lines]
+    return make_batches(examples, batch_size, tok.pad_token_id, seed=0, epoch=0)[0]

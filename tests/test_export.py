@@ -1,0 +1,108 @@
+"""Export: the bundle's exact file set, manifest content, base weights stored once."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import MODEL_TYPES
+from helpers import make_peft_adapter
+
+from edgeft.bundle import Bundle, file_table
+from edgeft.fsutil import sha256_file
+
+BUNDLE_FILES = {
+    "manifest.json",
+    "training_model.onnx",
+    "eval_model.onnx",
+    "nominal_checkpoint",
+    "weights.safetensors",
+    "adapter/adapter_config.json",
+    "adapter/adapter_model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "config.json",
+    "generation_config.json",
+}
+
+
+def test_bundle_file_set_and_manifest(llama_bundle):
+    files = {p.relative_to(llama_bundle).as_posix() for p in llama_bundle.rglob("*") if p.is_file()}
+    assert files == BUNDLE_FILES
+    manifest = json.loads((llama_bundle / "manifest.json").read_text())
+    assert manifest["format_version"] == 1 and manifest["model_type"] == "llama"
+    assert manifest["max_seq_len"] == 128
+    assert manifest["lora"]["r"] == 8 and manifest["lora"]["lora_alpha"] == 16
+    assert manifest["lora"]["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert manifest["graphs"]["training"]["inputs"] == ["input_ids", "attention_mask", "labels", "num_loss_tokens"]
+    assert manifest["graphs"]["training"]["outputs"] == ["loss"]
+    assert set(manifest["files"]) == BUNDLE_FILES - {"manifest.json"}
+    for rel, meta in manifest["files"].items():
+        assert meta == {"sha256": sha256_file(llama_bundle / rel), "size": (llama_bundle / rel).stat().st_size}
+    assert manifest["files"] == file_table(llama_bundle)
+    Bundle.open(llama_bundle)  # validates against artifacts/manifest.schema.json
+
+
+def test_parameter_mapping_matches_peft_keys(llama_bundle):
+    from safetensors.numpy import load_file
+
+    bundle = Bundle.open(llama_bundle)
+    weights = load_file(str(llama_bundle / "weights.safetensors"))
+    adapter = load_file(str(llama_bundle / "adapter" / "adapter_model.safetensors"))
+    assert {p["key"] for p in bundle.frozen} == set(weights)
+    assert {p["key"] for p in bundle.trainable} == set(adapter)
+    for p in bundle.trainable:
+        assert p["onnx"].replace(".default.", ".") == p["key"]
+        assert list(adapter[p["key"]].shape) == p["shape"]
+    q_b = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    assert np.count_nonzero(adapter[q_b]) == 0  # PEFT's init: B = 0
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_trainable_count_equals_peft(factory, model_type):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from edgeft.models import default_lora_targets
+
+    bundle = Bundle.open(factory.bundle(model_type))
+    model = AutoModelForCausalLM.from_pretrained(factory.model(model_type), torch_dtype=torch.float32)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=default_lora_targets(model_type), task_type="CAUSAL_LM")
+    trainable, _ = get_peft_model(model, config).get_nb_trainable_parameters()
+    assert bundle.manifest["lora"]["trainable_parameters"] == trainable
+    assert sum(int(np.prod(p["shape"])) for p in bundle.trainable) == trainable
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_base_weights_stored_once(factory, model_type):
+    """Graph files hold no weight tensors; weights.safetensors holds each base weight once."""
+    import onnx
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = factory.bundle(model_type)
+    for graph in ("training_model.onnx", "eval_model.onnx"):
+        model = onnx.load(str(path / graph))
+        big = [i.name for i in model.graph.initializer if np.prod(i.dims) > 4096]
+        assert big == [], f"{graph} embeds weight tensors {big[:3]}"
+    model = AutoModelForCausalLM.from_pretrained(factory.model(model_type), torch_dtype=torch.float32)
+    fp32_bytes = sum(p.numel() * 4 for p in model.parameters())  # tied weights counted once
+    weights = (path / "weights.safetensors").stat().st_size
+    assert fp32_bytes <= weights <= fp32_bytes * 1.01 + 16384
+
+
+def test_init_adapter_config_wins(factory, tmp_path):
+    from safetensors.numpy import load_file
+
+    model_dir = factory.model("llama")
+    adapter = make_peft_adapter(model_dir, tmp_path / "peft", r=4, alpha=8, targets=["q_proj", "v_proj"])
+    bundle = Bundle.open(factory.bundle("llama", init_adapter=adapter, lora_r=16))
+    lora = bundle.manifest["lora"]
+    assert (lora["r"], lora["lora_alpha"], lora["target_modules"]) == (4, 8, ["q_proj", "v_proj"])
+    src = load_file(str(adapter / "adapter_model.safetensors"))
+    got = load_file(str(bundle.root / "adapter" / "adapter_model.safetensors"))
+    assert set(src) == set(got)
+    for key in src:
+        np.testing.assert_array_equal(src[key], got[key])
