@@ -25,6 +25,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make bundles unreadable to others
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -53,12 +54,22 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def fsync_tree(root: str | os.PathLike) -> None:
-    """fsync every file and directory below ``root`` before it is renamed into place."""
+    """Give a staged tree normal permissions and fsync every file and directory in it, so it
+    can be renamed into place complete (mkdtemp/mkstemp create 0700/0600 entries)."""
+    mask = _umask()
     for dirpath, _dirs, files in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
         for name in files:
             fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
             try:
+                os.fchmod(fd, 0o666 & ~mask)
                 os.fsync(fd)
             finally:
                 os.close(fd)
         fsync_dir(dirpath)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

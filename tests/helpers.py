@@ -16,7 +16,7 @@ def make_peft_adapter(model_dir: Path, out: Path, r=8, alpha=16, targets=None, s
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, task_type="CAUSAL_LM")
     model = get_peft_model(base, config)
     gen = torch.Generator().manual_seed(seed)
@@ -33,7 +33,7 @@ def torch_peft_model(model_dir: Path, adapter_dir: Path, trainable: bool = False
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, attn_implementation="eager")
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
     return PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)
 
 

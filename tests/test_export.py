@@ -68,7 +68,7 @@ def test_trainable_count_equals_peft(factory, model_type):
     from edgeft.models import default_lora_targets
 
     bundle = Bundle.open(factory.bundle(model_type))
-    model = AutoModelForCausalLM.from_pretrained(factory.model(model_type), torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(factory.model(model_type), dtype=torch.float32)
     config = LoraConfig(r=8, lora_alpha=16, target_modules=default_lora_targets(model_type), task_type="CAUSAL_LM")
     trainable, _ = get_peft_model(model, config).get_nb_trainable_parameters()
     assert bundle.manifest["lora"]["trainable_parameters"] == trainable
@@ -87,7 +87,7 @@ def test_base_weights_stored_once(factory, model_type):
         model = onnx.load(str(path / graph))
         big = [i.name for i in model.graph.initializer if np.prod(i.dims) > 4096]
         assert big == [], f"{graph} embeds weight tensors {big[:3]}"
-    model = AutoModelForCausalLM.from_pretrained(factory.model(model_type), torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(factory.model(model_type), dtype=torch.float32)
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters())  # tied weights counted once
     weights = (path / "weights.safetensors").stat().st_size
     assert fp32_bytes <= weights <= fp32_bytes * 1.01 + 16384

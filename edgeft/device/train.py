@@ -156,7 +156,7 @@ class _Run:
             self.losses.append(loss)
             self.tokens += ntok
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tokens / max(self.seconds, 1e-9):.0f}")
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tokens / max(self.seconds, 1e-9):.0f}", refresh=False)
             if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total:
                 self._save_checkpoint(model)
         bar.close()

@@ -6,10 +6,12 @@ transformers, peft and onnx; the bundle it writes is read on the device without 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -51,6 +53,9 @@ class ExportConfig:
 
 def export_bundle(cfg: ExportConfig) -> Path:
     """Export ``cfg.model_dir`` to a bundle at ``cfg.out``; written in a staging dir, then renamed."""
+    from edgeft.device.ort import onnxruntime
+
+    onnxruntime()  # set ORT's log level before anything creates its environment
     t0 = time.time()
     hf_config = _check_inputs(cfg)
     model, lora_cfg = _load_peft_model(cfg, hf_config)
@@ -106,7 +111,7 @@ def _load_peft_model(cfg: ExportConfig, hf_config: dict):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model_dir, torch_dtype=torch.float32, attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(cfg.model_dir, dtype=torch.float32, attn_implementation="eager")
     if cfg.init_adapter is not None:
         model = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
         return model, model.peft_config["default"]
@@ -237,12 +242,8 @@ def _graph_and_params(peft_model, hf_config: dict, work: Path):
 
 
 def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out: Path) -> None:
-    from safetensors.numpy import save_file
-
-    from edgeft.device.ort import onnxruntime
-
-    onnxruntime()  # quiets ORT's graph-transformer log lines; must precede the training import
     from onnxruntime.training import artifacts
+    from safetensors.numpy import save_file
 
     work = Path(tempfile.mkdtemp(prefix="edgeft-export-"))
     try:
@@ -254,15 +255,16 @@ def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out:
             raise EdgeftError("no LoRA parameters ended up in the graph (check --target-modules)")
         # Frozen weights become graph inputs too: no constant folding copies them, and one
         # training session shares them between the training and the eval graph.
-        artifacts.generate_artifacts(
-            proto,
-            requires_grad=trainable,
-            frozen_params=frozen,
-            loss=None,
-            optimizer=None,  # AdamW runs on the device over the LoRA tensors (edgeft/device/optim.py)
-            artifact_directory=out,
-            nominal_checkpoint=True,
-        )
+        with _native_stderr_to_log():
+            artifacts.generate_artifacts(
+                proto,
+                requires_grad=trainable,
+                frozen_params=frozen,
+                loss=None,
+                optimizer=None,  # AdamW runs on the device over the LoRA tensors (edgeft/device/optim.py)
+                artifact_directory=out,
+                nominal_checkpoint=True,
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     (out / "checkpoint").unlink()  # the complete checkpoint repeats every weight: keep the nominal one
@@ -272,6 +274,26 @@ def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out:
     order = _parameter_order(out / "training_model.onnx", params)
     manifest = _manifest(cfg, lora_cfg, hf_config, keys, params, order, trainable, out)
     atomic_write_json(out / MANIFEST, manifest)
+
+
+@contextlib.contextmanager
+def _native_stderr_to_log():
+    """ORT's gradient builder logs every graph pass at INFO from C++, ignoring the Python log
+    level; send native stderr to a temp file and replay it only if the build fails."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace")[-20000:])
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def _parameter_order(training_model: Path, params: dict) -> list[str]:
