@@ -142,5 +142,26 @@ def eval_(bundle, data, adapter, batch_size, max_seq_len, truncate, threads):
     click.echo(json.dumps(evaluate(EvalConfig(bundle, data, adapter, batch_size, max_seq_len, truncate, threads))))
 
 
+@main.command()
+@click.argument("bundle", type=PathArg)
+@click.option("--prompt", required=True, help="The prompt text.")
+@click.option("--adapter", type=PathArg, help="A PEFT LoRA adapter directory (default: the base model).")
+@click.option("--chat", is_flag=True, help="Wrap the prompt as a user message in the chat template.")
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0), help="0 = greedy.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--seed", type=int)
+@click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
+@click.option("--provider", help="Execution provider, e.g. cpu or cuda (default: the best available).")
+@click.option("--threads", type=int)
+def generate(bundle, prompt, adapter, chat, max_new_tokens, temperature, top_k, top_p, seed, stop, provider, threads):
+    """(device) Stream a completion of --prompt to stdout."""
+    from edgeft.device.generate import GenerateConfig
+    from edgeft.device.generate import generate as run_generate
+
+    run_generate(GenerateConfig(bundle, prompt, adapter, chat, max_new_tokens, temperature, top_k, top_p, seed, list(stop), provider, threads))
+
+
 if __name__ == "__main__":
     main()

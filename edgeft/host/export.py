@@ -31,6 +31,7 @@ from edgeft.bundle import (
 )
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_write_json, fsync_tree
+from edgeft.host.decoder import export_decoders
 from edgeft.models import MODEL_TABLE, default_lora_targets
 
 log = logging.getLogger(__name__)
@@ -269,10 +270,12 @@ def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out:
         shutil.rmtree(work, ignore_errors=True)
     (out / "checkpoint").unlink()  # the complete checkpoint repeats every weight: keep the nominal one
     save_file({keys[n]: np.ascontiguousarray(params[n]) for n in frozen}, str(out / "weights.safetensors"))
+    decoders = export_decoders(peft_model, hf_config, keys, out, OPSET)
     _write_init_adapter(peft_model, lora_cfg, {n: params[n] for n in trainable}, keys, out / "adapter")
     _copy_tokenizer(Path(cfg.model_dir), out)
     order = _parameter_order(out / "training_model.onnx", params)
     manifest = _manifest(cfg, lora_cfg, hf_config, keys, params, order, trainable, out)
+    manifest["graphs"].update(decoders)
     atomic_write_json(out / MANIFEST, manifest)
 
 

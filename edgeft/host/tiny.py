@@ -82,6 +82,8 @@ def make_tiny_model(model_type: str, out_dir: Path, size: str = "tiny", seed: in
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     _randomize_norms(model, seed)
+    # Chat turns end with <|im_end|>: generation stops there as well as at </s>.
+    model.generation_config.eos_token_id = [ids["</s>"], tok.token_to_id("<|im_end|>")]
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 

@@ -1,0 +1,133 @@
+"""Device stage: text generation with the KV-cache decoder. Entry for the CLI: :func:`generate`.
+
+:class:`TextGenerator` is shared with ``edgeft serve``: prompt tokenization (as the Hugging Face
+tokenizer does by default, or through the chat template), streaming detokenization, stop strings.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgeft.bundle import Bundle
+from edgeft.device.decoder import BASE, Decoder, Sampling
+from edgeft.device.tokenizer import BundleTokenizer
+from edgeft.errors import EdgeftError
+
+
+@dataclass
+class GenerateConfig:
+    bundle: Path
+    prompt: str
+    adapter: Path | None = None
+    chat: bool = False
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    provider: str | None = None
+    threads: int | None = None
+
+
+def generate(cfg: GenerateConfig, out=None) -> str:
+    """Stream the completion of ``cfg.prompt`` to ``out`` (stdout); return the whole text."""
+    out = out or sys.stdout
+    gen = TextGenerator(cfg.bundle, cfg.provider, cfg.threads)
+    adapter = BASE
+    if cfg.adapter is not None:
+        gen.decoder.add_adapter("adapter", cfg.adapter)
+        adapter = "adapter"
+    messages = [{"role": "user", "content": cfg.prompt}] if cfg.chat else None
+    prompt = gen.encode(None if cfg.chat else cfg.prompt, messages)
+    sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
+    stream = gen.stream(prompt, adapter, sampling, cfg.stop)
+    for piece in stream:
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    return stream.text
+
+
+class TextGenerator:
+    """A bundle's tokenizer and decoder session, ready to stream completions for any adapter."""
+
+    def __init__(self, bundle: str | Path | Bundle, provider: str | None = None, threads: int | None = None):
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+        self.tokenizer = BundleTokenizer.from_dir(self.bundle.root)
+        self.decoder = Decoder(self.bundle, provider, threads)
+        self.stop_ids = self._stop_ids()
+
+    def _stop_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id} - {None}
+        gen_cfg = self.bundle.path("generation_config.json")
+        if gen_cfg.is_file():
+            eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+            ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return ids
+
+    def encode(self, prompt: str | None, messages: list[dict] | None = None) -> list[int]:
+        """Token ids as transformers makes them: the tokenizer's default special tokens for text,
+        the chat template with a generation prompt (and no extra specials) for messages."""
+        if messages is not None:
+            ids = self.tokenizer.encode(self.tokenizer.render_chat(messages, add_generation_prompt=True), add_special_tokens=False)
+        else:
+            ids = self.tokenizer.encode(prompt)
+        if not ids:
+            raise EdgeftError("the prompt is empty")
+        if len(ids) >= self.bundle.max_seq_len:
+            raise EdgeftError(f"the prompt has {len(ids)} tokens; this bundle's context is {self.bundle.max_seq_len}")
+        return ids
+
+    def stream(self, prompt: list[int], adapter: str, sampling: Sampling, stop: list[str] | None = None) -> Stream:
+        room = self.bundle.max_seq_len - len(prompt)
+        capped = Sampling(min(sampling.max_new_tokens, room), sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed)
+        return Stream(self, prompt, adapter, capped, [s for s in (stop or []) if s])
+
+
+class Stream:
+    """Iterates text pieces; afterwards ``text``, ``finish_reason`` and token counts are set."""
+
+    def __init__(self, gen: TextGenerator, prompt: list[int], adapter: str, sampling: Sampling, stop: list[str]):
+        self.gen, self.prompt, self.adapter, self.sampling, self.stop = gen, prompt, adapter, sampling, stop
+        self.tokens: list[int] = []
+        self.text = ""
+        self.finish_reason = "length"
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+    def __iter__(self) -> Iterator[str]:
+        hold = max((len(s) for s in self.stop), default=1) - 1  # a stop string may be half-generated
+        emitted = 0
+        for token in self.gen.decoder.generate_ids(self.prompt, self.adapter, self.sampling, self.gen.stop_ids):
+            if token in self.gen.stop_ids:
+                self.finish_reason = "stop"
+                break
+            self.tokens.append(token)
+            text = self.gen.tokenizer.decode(self.tokens)
+            cut = _first_stop(text, self.stop)
+            if cut is not None:
+                self.text, self.finish_reason = text[:cut], "stop"
+                break
+            self.text = text
+            ready = len(text) - hold if not text.endswith("\ufffd") else text.rfind("\ufffd")
+            if ready > emitted:
+                yield text[emitted:ready]
+                emitted = ready
+        if len(self.text) > emitted:
+            yield self.text[emitted:]
+
+
+def _first_stop(text: str, stops: list[str]) -> int | None:
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else None
