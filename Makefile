@@ -4,12 +4,15 @@ VENV := .venv
 DEVICE_VENV := .venv-device
 HOST_STAMP := $(VENV)/.installed
 DEVICE_STAMP := $(DEVICE_VENV)/.installed
+SERVE_VENV := .venv-serve
+SERVE_STAMP := $(SERVE_VENV)/.installed
 PIP_FLAGS := --quiet --disable-pip-version-check
 
-.PHONY: demo test lint format clean venv device-venv
+.PHONY: demo test lint format clean venv device-venv serve-venv
 
 venv: $(HOST_STAMP)
 device-venv: $(DEVICE_STAMP)
+serve-venv: $(SERVE_STAMP)
 
 # Host environment: torch, transformers, peft, optimum, onnx + the device stack + dev tools.
 $(HOST_STAMP): setup.cfg pyproject.toml
@@ -23,11 +26,18 @@ $(DEVICE_STAMP): setup.cfg pyproject.toml
 	$(DEVICE_VENV)/bin/pip install $(PIP_FLAGS) -e ".[device]"
 	@touch $@
 
+# Serving-only environment: plain onnxruntime (>= 1.20), no training build, no torch.
+$(SERVE_STAMP): setup.cfg pyproject.toml
+	$(PY) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/pip install $(PIP_FLAGS) -e ".[serve]"
+	@touch $@
+
 demo: $(HOST_STAMP)
 	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash examples/quickstart.sh
 
-test: $(HOST_STAMP) $(DEVICE_STAMP)
-	EDGEFT_DEVICE_VENV="$(CURDIR)/$(DEVICE_VENV)" $(VENV)/bin/python -m pytest -q
+test: $(HOST_STAMP) $(DEVICE_STAMP) $(SERVE_STAMP)
+	EDGEFT_DEVICE_VENV="$(CURDIR)/$(DEVICE_VENV)" EDGEFT_SERVE_VENV="$(CURDIR)/$(SERVE_VENV)" \
+		$(VENV)/bin/python -m pytest -q
 
 lint: $(HOST_STAMP)
 	$(VENV)/bin/ruff check edgeft tests examples
@@ -38,4 +48,4 @@ format: $(HOST_STAMP)
 	$(VENV)/bin/ruff check --fix edgeft tests examples
 
 clean:
-	rm -rf $(VENV) $(DEVICE_VENV) demo-out .pytest_cache
+	rm -rf $(VENV) $(DEVICE_VENV) $(SERVE_VENV) demo-out .pytest_cache

@@ -16,6 +16,8 @@ BUNDLE_FILES = {
     "manifest.json",
     "training_model.onnx",
     "eval_model.onnx",
+    "decoder_lora.onnx",
+    "decoder.onnx",
     "nominal_checkpoint",
     "weights.safetensors",
     "adapter/adapter_config.json",
@@ -82,11 +84,23 @@ def test_base_weights_stored_once(factory, model_type):
     import torch
     from transformers import AutoModelForCausalLM
 
+    from edgeft.host.decoder import safetensors_ranges
+
     path = factory.bundle(model_type)
-    for graph in ("training_model.onnx", "eval_model.onnx"):
-        model = onnx.load(str(path / graph))
-        big = [i.name for i in model.graph.initializer if np.prod(i.dims) > 4096]
-        assert big == [], f"{graph} embeds weight tensors {big[:3]}"
+    ranges = set(safetensors_ranges(path / "weights.safetensors").values())
+    for graph in ("training_model.onnx", "eval_model.onnx", "decoder_lora.onnx", "decoder.onnx"):
+        model = onnx.load(str(path / graph), load_external_data=False)
+        inline = [
+            i.name
+            for i in model.graph.initializer
+            if i.data_location != onnx.TensorProto.EXTERNAL and np.prod(i.dims) > 4096
+        ]
+        assert inline == [], f"{graph} embeds weight tensors {inline[:3]}"
+        for init in model.graph.initializer:
+            if init.data_location == onnx.TensorProto.EXTERNAL:  # decoders: byte ranges of weights.safetensors
+                ext = {e.key: e.value for e in init.external_data}
+                assert ext["location"] == "weights.safetensors"
+                assert (int(ext["offset"]), int(ext["length"])) in ranges
     model = AutoModelForCausalLM.from_pretrained(factory.model(model_type), dtype=torch.float32)
     fp32_bytes = sum(p.numel() * 4 for p in model.parameters())  # tied weights counted once
     weights = (path / "weights.safetensors").stat().st_size

@@ -36,17 +36,29 @@ def pick_providers(requested: str | None) -> list[str]:
 
     available = onnxruntime().get_available_providers()
     if requested:
-        name = requested if requested.endswith("ExecutionProvider") else _PROVIDER_ALIASES.get(requested.lower(), requested)
+        name = (
+            requested
+            if requested.endswith("ExecutionProvider")
+            else _PROVIDER_ALIASES.get(requested.lower(), requested)
+        )
         if name in available:
             return [name, "CPUExecutionProvider"] if name != "CPUExecutionProvider" else [name]
-        print(f"edgeft: provider {requested} is not available here ({', '.join(available)}); using CPU", file=sys.stderr)
+        print(
+            f"edgeft: provider {requested} is not available here ({', '.join(available)}); using CPU", file=sys.stderr
+        )
         return ["CPUExecutionProvider"]
     preferred = [p for p in ("CUDAExecutionProvider",) if p in available]
     return [*preferred, "CPUExecutionProvider"]
 
 
-_PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "openvino": "OpenVINOExecutionProvider",
-                     "qnn": "QNNExecutionProvider", "coreml": "CoreMLExecutionProvider", "dml": "DmlExecutionProvider"}
+_PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "dml": "DmlExecutionProvider",
+}
 
 
 class Decoder:
@@ -63,7 +75,9 @@ class Decoder:
         self.bundle = bundle
         self.config = json.loads(bundle.path("config.json").read_text())
         opts = session_options(threads, deterministic=False)
-        self.session = onnxruntime().InferenceSession(str(bundle.path(graph["file"])), opts, providers=pick_providers(provider))
+        self.session = onnxruntime().InferenceSession(
+            str(bundle.path(graph["file"])), opts, providers=pick_providers(provider)
+        )
         Decoder.sessions_created += 1
         self.lora_inputs = graph["lora_inputs"]
         self.past_names = [n for n in graph["inputs"] if n.startswith("past_key_values.")]

@@ -74,7 +74,9 @@ class TextGenerator:
         """Token ids as transformers makes them: the tokenizer's default special tokens for text,
         the chat template with a generation prompt (and no extra specials) for messages."""
         if messages is not None:
-            ids = self.tokenizer.encode(self.tokenizer.render_chat(messages, add_generation_prompt=True), add_special_tokens=False)
+            ids = self.tokenizer.encode(
+                self.tokenizer.render_chat(messages, add_generation_prompt=True), add_special_tokens=False
+            )
         else:
             ids = self.tokenizer.encode(prompt)
         if not ids:
@@ -85,7 +87,9 @@ class TextGenerator:
 
     def stream(self, prompt: list[int], adapter: str, sampling: Sampling, stop: list[str] | None = None) -> Stream:
         room = self.bundle.max_seq_len - len(prompt)
-        capped = Sampling(min(sampling.max_new_tokens, room), sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed)
+        capped = Sampling(
+            min(sampling.max_new_tokens, room), sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed
+        )
         return Stream(self, prompt, adapter, capped, [s for s in (stop or []) if s])
 
 

@@ -52,7 +52,11 @@ def safetensors_ranges(path: Path) -> dict[str, tuple[int, int]]:
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
     start = 8 + size
-    return {k: (start + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0]) for k, v in header.items() if k != "__metadata__"}
+    return {
+        k: (start + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
+        for k, v in header.items()
+        if k != "__metadata__"
+    }
 
 
 def decoder_module(peft_model, hf_config: dict):
@@ -71,7 +75,13 @@ def decoder_module(peft_model, hf_config: dict):
         def forward(self, input_ids, attention_mask, position_ids, *past):
             cache = DynamicCache.from_legacy_cache(tuple((past[2 * i], past[2 * i + 1]) for i in range(layers)))
             mask = decode_mask(attention_mask, input_ids.shape[1], window)
-            kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache, use_cache=True)
+            kwargs = dict(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
             out = self.peft(**kwargs)
             present = [t for layer in out.past_key_values.to_legacy_cache() for t in layer]
             return (out.logits, *present)
@@ -109,8 +119,12 @@ def _trace(peft_model, hf_config: dict, path: Path, with_lora: bool, opset: int)
     pos = torch.arange(past_len, past_len + q_len).unsqueeze(0).expand(batch, q_len)
     past_names = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
     present_names = [f"present.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-    dynamic = {"input_ids": {0: "batch_size", 1: "sequence_length"}, "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
-               "position_ids": {0: "batch_size", 1: "sequence_length"}, "logits": {0: "batch_size", 1: "sequence_length"}}
+    dynamic = {
+        "input_ids": {0: "batch_size", 1: "sequence_length"},
+        "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
+        "position_ids": {0: "batch_size", 1: "sequence_length"},
+        "logits": {0: "batch_size", 1: "sequence_length"},
+    }
     dynamic.update({n: {0: "batch_size", 2: "past_sequence_length"} for n in past_names})
     dynamic.update({n: {0: "batch_size", 2: "total_sequence_length"} for n in present_names})
     module = decoder_module(peft_model, hf_config).eval()
@@ -118,10 +132,15 @@ def _trace(peft_model, hf_config: dict, path: Path, with_lora: bool, opset: int)
     with torch.no_grad(), adapters, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            module, (ids, mask, pos, *past), str(path),
+            module,
+            (ids, mask, pos, *past),
+            str(path),
             input_names=["input_ids", "attention_mask", "position_ids", *past_names],
             output_names=["logits", *present_names],
-            dynamic_axes=dynamic, opset_version=opset, do_constant_folding=False, dynamo=False,
+            dynamic_axes=dynamic,
+            opset_version=opset,
+            do_constant_folding=False,
+            dynamo=False,
             keep_initializers_as_inputs=True,  # no value-based deduplication of equal weights
         )
 

@@ -1,0 +1,104 @@
+"""Serving core: greedy decoding equals transformers' generate; adapters switch in one session."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from conftest import MODEL_TYPES
+from helpers import make_peft_adapter, torch_peft_model
+
+from edgeft.device.decoder import BASE, Decoder, Sampling
+from edgeft.device.generate import GenerateConfig, TextGenerator, generate
+
+PROMPT = "Station north ridge: pump is worn. What should the crew do?"
+TARGETS = {"phi3": ["qkv_proj", "o_proj"]}
+
+
+def _adapter(factory, tmp_path, model_type, b_std=0.3, seed=1):
+    targets = TARGETS.get(model_type, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    return make_peft_adapter(
+        factory.model(model_type), tmp_path / f"adapter-{seed}", targets=targets, b_std=b_std, seed=seed
+    )
+
+
+@pytest.mark.parametrize("with_adapter", [False, True], ids=["base", "adapter"])
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_greedy_equals_transformers_generate(factory, tmp_path, model_type, with_adapter):
+    import torch
+    from transformers import AutoTokenizer
+
+    path = factory.bundle(model_type)
+    adapter = _adapter(factory, tmp_path, model_type) if with_adapter else path / "adapter"  # bundle's adapter: B = 0
+    gen = TextGenerator(path)
+    name = BASE
+    if with_adapter:
+        gen.decoder.add_adapter("a", adapter)
+        name = "a"
+    hf_tok = AutoTokenizer.from_pretrained(factory.model(model_type))
+    prompt_ids = gen.encode(PROMPT)
+    assert prompt_ids == hf_tok(PROMPT)["input_ids"]  # tokenized exactly as transformers does
+    stream = gen.stream(prompt_ids, name, Sampling(max_new_tokens=32))
+    assert "".join(stream) == stream.text
+    got = stream.tokens
+    model = torch_peft_model(factory.model(model_type), adapter)
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=32, do_sample=False)
+    ref = out[0, len(prompt_ids) :].tolist()
+    if stream.finish_reason == "stop":
+        ref = ref[:-1]  # transformers keeps the eos token it stopped at; edgeft does not emit it
+    assert got == ref
+    assert len(got) == 32 or stream.finish_reason == "stop"
+
+
+def test_adapters_switch_without_new_session(factory, tmp_path):
+    path = factory.bundle("llama")
+    a, b = _adapter(factory, tmp_path, "llama", seed=1), _adapter(factory, tmp_path, "llama", seed=2)
+    expected = {}
+    for name, adapter in (("a", a), ("b", b), (BASE, None)):
+        solo = TextGenerator(path)
+        if adapter:
+            solo.decoder.add_adapter(name, adapter)
+        expected[name] = _run(solo, name)
+    assert len(set(map(tuple, expected.values()))) == 3  # three really different outputs
+
+    shared = TextGenerator(path)
+    shared.decoder.add_adapter("a", a)
+    shared.decoder.add_adapter("b", b)
+    before = Decoder.sessions_created
+    for name in ("a", BASE, "b", "a", "b", BASE):
+        assert _run(shared, name) == expected[name]
+    assert Decoder.sessions_created == before
+
+
+def _run(gen: TextGenerator, name: str) -> list[int]:
+    stream = gen.stream(gen.encode(PROMPT), name, Sampling(max_new_tokens=16))
+    list(stream)
+    return stream.tokens
+
+
+def test_generate_cli_stream_stop_and_sampling(factory, tmp_path):
+    path = factory.bundle("llama")
+    adapter = _adapter(factory, tmp_path, "llama")
+    out = io.StringIO()
+    text = generate(GenerateConfig(path, PROMPT, adapter=adapter, max_new_tokens=24), out)
+    assert out.getvalue() == text + "\n" and text
+    stop = text[3:6]
+    cut = generate(GenerateConfig(path, PROMPT, adapter=adapter, max_new_tokens=24, stop=[stop]), io.StringIO())
+    assert cut == text[: text.find(stop)]
+    sampled = [
+        generate(
+            GenerateConfig(path, PROMPT, adapter=adapter, temperature=1.0, top_k=50, top_p=0.9, seed=s), io.StringIO()
+        )
+        for s in (1, 1, 2)
+    ]
+    assert sampled[0] == sampled[1] != sampled[2]  # seeded sampling is reproducible
+
+
+def test_chat_prompt_uses_template(factory):
+    from transformers import AutoTokenizer
+
+    gen = TextGenerator(factory.bundle("llama"))
+    messages = [{"role": "user", "content": PROMPT}]
+    hf_tok = AutoTokenizer.from_pretrained(factory.model("llama"))
+    assert gen.encode(None, messages) == hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
