@@ -160,7 +160,104 @@ def generate(bundle, prompt, adapter, chat, max_new_tokens, temperature, top_k, 
     from edgeft.device.generate import GenerateConfig
     from edgeft.device.generate import generate as run_generate
 
-    run_generate(GenerateConfig(bundle, prompt, adapter, chat, max_new_tokens, temperature, top_k, top_p, seed, list(stop), provider, threads))
+    run_generate(
+        GenerateConfig(
+            bundle,
+            prompt,
+            adapter,
+            chat,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            list(stop),
+            provider,
+            threads,
+        )
+    )
+
+
+@main.command()
+@click.argument("bundle", type=PathArg)
+@click.option("--adapter", required=True, type=PathArg, help="The PEFT LoRA adapter directory to fuse in.")
+@click.option("--out", required=True, type=PathArg, help="Directory to write (an optimum ORTModelForCausalLM).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing directory at --out.")
+def merge(bundle, adapter, out, overwrite):
+    """(device) Fuse --adapter into the bundle's base weights: a standalone ONNX model directory."""
+    from edgeft.device.merge import MergeConfig
+    from edgeft.device.merge import merge as run_merge
+
+    click.echo(f"merged: {run_merge(MergeConfig(bundle, adapter, out, overwrite))}")
+
+
+@main.command()
+@click.argument("bundle", type=PathArg)
+@click.option("--adapter", "adapter_specs", multiple=True, metavar="NAME=DIR", help="Serve an adapter as model NAME.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--api-key", envvar="EDGEFT_API_KEY", help="Require 'Authorization: Bearer KEY' (env EDGEFT_API_KEY).")
+@click.option("--max-queue", default=8, show_default=True, type=click.IntRange(min=1), help="Busy (503) beyond this.")
+@click.option("--provider", help="Execution provider, e.g. cpu or cuda (default: the best available).")
+@click.option("--threads", type=int)
+def serve(bundle, adapter_specs, host, port, api_key, max_queue, provider, threads):
+    """(device) Serve the bundle and its adapters over an OpenAI-compatible HTTP API."""
+    from edgeft.device.server import ServeConfig
+    from edgeft.device.server import serve as run_server
+
+    adapters = {}
+    for spec in adapter_specs:
+        name, _, path = spec.partition("=")
+        if not name or not path or name in adapters:
+            raise click.BadParameter(f"{spec!r}: expected NAME=DIR, each NAME once", param_hint="--adapter")
+        adapters[name] = Path(path)
+    run_server(ServeConfig(bundle, adapters, host, port, api_key, max_queue, provider, threads))
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def devices(ctx):
+    """Device profiles (devices/*.toml): list them, or check this machine against one."""
+    if ctx.invoked_subcommand is None:
+        from edgeft.profiles import list_profiles, profiles_table
+
+        click.echo(profiles_table(list_profiles()))
+
+
+@devices.command(name="check")
+@click.option("--profile", help="A profile name (see `edgeft devices`) or the path of a profile file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def devices_check(profile, as_json):
+    """Report this machine (arch, memory, cores, onnxruntime build, providers) and what --profile gets here."""
+    from edgeft.device.doctor import check, render
+    from edgeft.profiles import load_profile
+
+    report = check(load_profile(profile) if profile else None)
+    click.echo(json.dumps(report, indent=2) if as_json else render(report))
+
+
+@main.command()
+@click.argument("bundle", type=PathArg)
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-seq-len", type=click.IntRange(min=2), help="Default: the bundle's.")
+@click.option(
+    "--json", "as_json", is_flag=True, help='Print {"train_peak_mb": ..., "serve_peak_mb": ...} and the parts.'
+)
+def plan(bundle, batch_size, max_seq_len, as_json):
+    """(device) Estimate peak memory of training and of serving BUNDLE on this machine."""
+    from edgeft.bundle import Bundle
+    from edgeft.device.planner import plan as make_plan
+
+    result = make_plan(Bundle.open(bundle), batch_size, max_seq_len).as_dict()
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    click.echo(
+        f"training  (batch {result['batch_size']}, seq {result['max_seq_len']}): {result['train_peak_mb']:.0f} MB peak"
+    )
+    click.echo(f"serving   (one request of {result['max_seq_len']} tokens):  {result['serve_peak_mb']:.0f} MB peak")
+    parts = ("runtime_mb", "weights_mb", "lora_state_mb", "train_activations_mb", "kv_cache_mb")
+    click.echo("  " + ", ".join(f"{k.removesuffix('_mb')} {result[k]:.0f} MB" for k in parts))
 
 
 if __name__ == "__main__":

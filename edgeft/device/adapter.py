@@ -17,7 +17,7 @@ import numpy as np
 
 from edgeft.bundle import Bundle
 from edgeft.errors import EdgeftError
-from edgeft.fsutil import atomic_write_json, fsync_tree
+from edgeft.fsutil import atomic_write_json, fsync_dir, fsync_tree
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -45,6 +45,8 @@ def read_adapter_config(path: Path) -> dict:
             raise EdgeftError(f"{cfg_path}: {flag} adapters are not supported yet")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise EdgeftError(f"{cfg_path}: rank_pattern/alpha_pattern are not supported yet")
+    if cfg.get("fan_in_fan_out"):
+        raise EdgeftError(f"{cfg_path}: fan_in_fan_out adapters (Conv1D models) are not supported")
     return cfg
 
 
@@ -129,4 +131,5 @@ def _swap_in(staging: Path, path: Path) -> None:
     if path.exists():
         os.replace(path, old)
     os.replace(staging, path)
+    fsync_dir(path.parent)  # make both renames durable before the old copy goes
     shutil.rmtree(old, ignore_errors=True)

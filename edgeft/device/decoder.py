@@ -1,7 +1,8 @@
 """Serving core: one ONNX Runtime session over the bundle's KV-cache decoder, many adapters.
 
-LoRA A/B are inputs of ``decoder_lora.onnx``; an adapter is a set of OrtValues fed with each
-request, so switching adapters never creates a session or re-reads base weights. Works with the
+LoRA A/B are inputs of ``decoder_lora.onnx``; an adapter is a set of small arrays fed with each
+request (on CPU, ORT reads numpy inputs in place), so switching adapters never creates a session
+or re-reads base weights. Works with the
 plain ``onnxruntime`` package (>= 1.20) as well as the training build.
 """
 
@@ -99,6 +100,8 @@ class Decoder:
     def add_adapter(self, name: str, path: str | Path) -> None:
         from edgeft.device.adapter import load_adapter
 
+        if name == BASE:
+            raise EdgeftError(f"adapter name {BASE!r} is reserved for the base model")
         lora = load_adapter(path, self.bundle)
         self.adapters[name] = {n: lora[n] for n in self.lora_inputs}
 

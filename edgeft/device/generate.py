@@ -86,6 +86,8 @@ class TextGenerator:
         return ids
 
     def stream(self, prompt: list[int], adapter: str, sampling: Sampling, stop: list[str] | None = None) -> Stream:
+        if adapter not in self.decoder.adapters:
+            raise EdgeftError(f"unknown adapter {adapter!r} (loaded: {', '.join(self.decoder.adapters)})")
         room = self.bundle.max_seq_len - len(prompt)
         capped = Sampling(
             min(sampling.max_new_tokens, room), sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed
@@ -124,7 +126,8 @@ class Stream:
                 self.text, self.finish_reason = text[:cut], "stop"
                 break
             self.text = text
-            ready = len(text) - hold if not text.endswith("\ufffd") else text.rfind("\ufffd")
+            # Hold back a possible partial stop string and any unfinished multi-byte character.
+            ready = min(len(text) - hold, len(text.rstrip("\ufffd")))
             if ready > emitted:
                 yield text[emitted:ready]
                 emitted = ready

@@ -23,6 +23,9 @@ SIZES = {
     "demo": dict(
         hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
     ),
+    "small": dict(
+        hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4
+    ),
 }
 
 
@@ -52,6 +55,7 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 512, corpus: Path = CORPUS,
         "eos_token": "</s>",
         "pad_token": "<pad>",
         "model_max_length": model_max_length,
+        "model_input_names": ["input_ids", "attention_mask"],
         "chat_template": CHATML,
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

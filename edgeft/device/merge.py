@@ -1,0 +1,204 @@
+"""Device stage: fuse a LoRA adapter into the base weights. Entry for the CLI: :func:`merge`.
+
+The result is a standalone directory that optimum's ``ORTModelForCausalLM.from_pretrained`` loads
+(``model.onnx`` + config + tokenizer), with no LoRA inputs and no edgeft needed to serve it.
+
+No torch, transformers, peft, optimum or onnx: the bundle's ``decoder.onnx`` (the adapter-free
+decoder) is copied verbatim as ``model.onnx``. Its weights are ONNX external data pointing at
+byte ranges of ``weights.safetensors`` beside it, so the merged ``weights.safetensors`` keeps the
+bundle's header byte for byte (same keys, dtypes, shapes, offsets) and only the LoRA-targeted
+tensors' bytes change: ``W' = W + (lora_alpha / r) * B @ A`` in fp32, with the bundle's r/alpha
+(``load_adapter`` already rescales B from the adapter's own scale to the bundle's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgeft.bundle import Bundle
+from edgeft.errors import EdgeftError
+from edgeft.fsutil import fsync_dir, fsync_tree
+
+MODEL_FILE = "model.onnx"  # optimum's standard name: found without passing file_name
+WEIGHTS = "weights.safetensors"  # the name decoder.onnx's external data points at
+REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
+OPTIONAL_FILES = ("generation_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+@dataclass
+class MergeConfig:
+    bundle: Path
+    adapter: Path
+    out: Path
+    overwrite: bool = False
+
+
+def merge(cfg: MergeConfig) -> Path:
+    """Write the bundle's base model with ``cfg.adapter`` fused in to ``cfg.out``; return its path."""
+    from edgeft.device.adapter import load_adapter
+
+    bundle = Bundle.open(cfg.bundle)
+    out = _check_out(Path(cfg.out), bundle.root, Path(cfg.adapter), cfg.overwrite)
+    decoder = _decoder_graph(bundle)
+    weights = bundle.path(bundle.manifest.get("weights", WEIGHTS))
+    header_bytes, header = _read_header(weights)
+    lora = load_adapter(cfg.adapter, bundle)
+    pairs = _lora_pairs(bundle, header, weights)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        shutil.copyfile(decoder, staging / MODEL_FILE)
+        _write_fused(weights, header_bytes, header, pairs, lora, _scale(bundle), staging / WEIGHTS)
+        _check_same_layout(staging / WEIGHTS, header_bytes, weights)
+        for name in REQUIRED_FILES + OPTIONAL_FILES:
+            src = bundle.path(name)
+            if src.is_file():
+                shutil.copyfile(src, staging / name)
+            elif name in REQUIRED_FILES:
+                raise EdgeftError(f"{src}: missing from the bundle (the merged model needs it)")
+        fsync_tree(staging)
+        _swap_in(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def _check_out(out: Path, bundle_root: Path, adapter: Path, overwrite: bool) -> Path:
+    resolved = out.resolve()
+    for name, other in (("bundle", bundle_root), ("adapter", adapter)):
+        other = other.resolve()
+        if resolved == other or resolved in other.parents or other in resolved.parents:
+            raise EdgeftError(f"{out}: --out must not be, contain or be inside the {name} directory {other}")
+    if out.exists() and not out.is_dir():
+        raise EdgeftError(f"{out}: exists and is not a directory")
+    if out.exists() and not overwrite:
+        raise EdgeftError(f"{out}: already exists (pass --overwrite to replace it)")
+    return resolved
+
+
+def _decoder_graph(bundle: Bundle) -> Path:
+    graph = bundle.manifest.get("graphs", {}).get("decoder")
+    if graph is None:
+        raise EdgeftError(f"{bundle.root}: this bundle has no decoder graph; re-export it with this edgeft")
+    if graph.get("lora_inputs"):
+        raise EdgeftError(f"{bundle.path(graph['file'])}: the decoder graph has LoRA inputs; it cannot be merged into")
+    return bundle.path(graph["file"])
+
+
+def _scale(bundle: Bundle) -> np.float32:
+    lora = bundle.manifest["lora"]
+    return np.float32(lora["lora_alpha"] / lora["r"])
+
+
+def _read_header(path: Path) -> tuple[bytes, dict]:
+    """The raw header (u64 size + JSON) of a safetensors file, and the parsed JSON."""
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) != 8:
+                raise ValueError("file shorter than 8 bytes")
+            (size,) = struct.unpack("<Q", prefix)
+            if size > path.stat().st_size - 8:
+                raise ValueError(f"header size {size} exceeds the file")
+            raw = f.read(size)
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise EdgeftError(f"{path}: not a valid safetensors file ({e})") from None
+    return prefix + raw, header
+
+
+def _lora_pairs(bundle: Bundle, header: dict, weights: Path) -> list[tuple[str, str, str]]:
+    """(HF key of the base weight, ONNX name of A, ONNX name of B) for each LoRA module.
+
+    The base weight is the frozen parameter ``<module>.base_layer.weight`` of the manifest; its
+    key must be a float32 tensor of weights.safetensors used by no other parameter (a tied
+    weight would change both places).
+    """
+    manifest = bundle.root / "manifest.json"
+    frozen = {p["onnx"]: p for p in bundle.frozen}
+    users: dict[str, int] = {}
+    for p in bundle.frozen:
+        users[p["key"]] = users.get(p["key"], 0) + 1
+    trainable = {p["onnx"]: p for p in bundle.trainable}
+    pairs, seen = [], set()
+    for name, p in trainable.items():
+        if ".lora_A." not in name and ".lora_B." not in name:
+            raise EdgeftError(
+                f"{manifest}: LoRA parameter {name} is not a lora_A/lora_B weight; merge supports only those"
+            )
+        if ".lora_B." in name:
+            continue
+        module = name.split(".lora_A.")[0]
+        b_name = name.replace(".lora_A.", ".lora_B.", 1)
+        base = frozen.get(f"{module}.base_layer.weight")
+        if b_name not in trainable or base is None:
+            raise EdgeftError(f"{manifest}: LoRA module {module} has no matching lora_B or base_layer.weight")
+        key = base["key"]
+        entry = header.get(key)
+        if not isinstance(entry, dict):
+            raise EdgeftError(f"{weights}: tensor {key} (base weight of {module}) is missing")
+        if entry.get("dtype") != "F32":
+            raise EdgeftError(f"{weights}: tensor {key} is {entry.get('dtype')}; merge supports F32 base weights only")
+        out_dim, r = trainable[b_name]["shape"]
+        r_a, in_dim = p["shape"]
+        if r != r_a or list(entry.get("shape", [])) != [out_dim, in_dim]:
+            raise EdgeftError(
+                f"{weights}: tensor {key} has shape {entry.get('shape')}, LoRA B@A of {module} is {[out_dim, in_dim]}"
+            )
+        if users[key] > 1 or key in seen:
+            raise EdgeftError(f"{weights}: tensor {key} is shared (tied) with another parameter; cannot merge into it")
+        seen.add(key)
+        pairs.append((key, name, b_name))
+    return pairs
+
+
+def _write_fused(
+    src: Path, header_bytes: bytes, header: dict, pairs: list, lora: dict[str, np.ndarray], scale, dst: Path
+) -> None:
+    """Copy ``src`` to ``dst``, then overwrite each targeted tensor's bytes with W + scale * B @ A."""
+    shutil.copyfile(src, dst)
+    start = len(header_bytes)
+    with open(src, "rb") as fin, open(dst, "r+b") as fout:
+        for key, a_name, b_name in pairs:
+            begin, end = header[key]["data_offsets"]
+            a, b = lora[a_name], lora[b_name]
+            if not b.any():
+                continue  # a module the adapter does not target: unchanged bytes
+            fin.seek(start + begin)
+            w = np.frombuffer(fin.read(end - begin), dtype="<f4").reshape(header[key]["shape"])
+            fused = (w + scale * (b @ a)).astype("<f4", copy=False)
+            if fused.nbytes != end - begin:
+                raise EdgeftError(f"{src}: tensor {key} is {end - begin} bytes, the fused one {fused.nbytes}")
+            fout.seek(start + begin)
+            fout.write(np.ascontiguousarray(fused).tobytes())
+        fout.flush()
+        os.fsync(fout.fileno())
+
+
+def _check_same_layout(written: Path, header_bytes: bytes, original: Path) -> None:
+    """model.onnx addresses tensors by absolute byte offset: the header must be identical."""
+    got, _ = _read_header(written)
+    if got != header_bytes or written.stat().st_size != original.stat().st_size:
+        raise EdgeftError(f"{written}: header/offsets differ from {original}; the merged model.onnx would read garbage")
+
+
+def _swap_in(staging: Path, path: Path) -> None:
+    """Move the finished directory into place; an older one is set aside until the new one is in."""
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(staging, path)
+    fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)

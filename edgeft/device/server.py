@@ -1,0 +1,457 @@
+"""Device stage: an OpenAI-compatible HTTP server over one bundle. Entry for the CLI: :func:`serve`.
+
+One ONNX Runtime session serves the base model and every adapter (the request's ``model`` picks
+the adapter). Generation runs on a single worker thread, so the session is never run from two
+threads at once and the event loop never blocks; at most ``max_queue`` generations wait or run,
+more are refused at once with 503 so a small device does not pile up work it cannot finish.
+Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, so OpenAI
+clients raise their usual exceptions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from edgeft.device.decoder import BASE, Sampling
+from edgeft.device.generate import Stream, TextGenerator
+from edgeft.errors import EdgeftError
+
+
+@dataclass
+class ServeConfig:
+    bundle: Path
+    adapters: dict[str, Path] = field(default_factory=dict)  # model id -> PEFT adapter directory
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_queue: int = 8
+    provider: str | None = None
+    threads: int | None = None
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Load the bundle and adapters once, then serve until interrupted."""
+    import uvicorn
+
+    if cfg.max_queue < 1:
+        raise EdgeftError("--max-queue must be at least 1")
+    generator = TextGenerator(cfg.bundle, cfg.provider, cfg.threads)
+    base_id = base_model_id(generator)
+    for name, path in cfg.adapters.items():
+        # An adapter named like the base would shadow it (or replace the zero "base" LoRA).
+        if name in (base_id, BASE):
+            raise EdgeftError(f"--adapter {name}={path}: the name {name!r} is taken by the base model")
+        generator.decoder.add_adapter(name, path)
+    app = create_app(generator, cfg.api_key, cfg.max_queue)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+
+
+def base_model_id(generator: TextGenerator) -> str:
+    return str(generator.bundle.manifest.get("base_model") or BASE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Request bodies. Unknown fields are ignored, as OpenAI clients send some we do not use (user,
+# logit_bias, logprobs, echo...); only n > 1 is refused, since it would change the reply's shape.
+
+
+class _Sampled(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's default; 0 means greedy here
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)  # not OpenAI's, but vLLM and llama.cpp take it too
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: Literal[1] = 1
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # OpenAI treats an explicit null like an absent field; some clients send nulls.
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    def stops(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.get("include_usage"))
+
+    def limit(self, room: int) -> int:
+        """Tokens to generate at most, with ``room`` tokens left in the context."""
+        raise NotImplementedError
+
+
+class CompletionRequest(_Sampled):
+    prompt: str | list[str]
+    max_tokens: int = Field(16, ge=1)  # OpenAI's default for completions
+
+    def limit(self, room: int) -> int:
+        return self.max_tokens
+
+    def text(self) -> str:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if len(self.prompt) != 1:
+            raise ApiError(400, "only one prompt per request is supported", param="prompt")
+        return self.prompt[0]
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def as_template_input(self) -> dict[str, str]:
+        content = self.content if isinstance(self.content, str | None) else "".join(p.text for p in self.content)
+        return {"role": self.role, "content": content or ""}
+
+
+class ChatRequest(_Sampled):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+
+    def limit(self, room: int) -> int:
+        # OpenAI's chat default is "whatever fits": the rest of the context.
+        return self.max_completion_tokens or self.max_tokens or room
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+class ApiError(Exception):
+    """An error answered with OpenAI's error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+def _validation_error(exc: RequestValidationError) -> ApiError:
+    """FastAPI's 422 list of problems -> one OpenAI-style 400 naming the first field."""
+    first = exc.errors()[0]
+    if first.get("type") == "json_invalid":
+        return ApiError(400, f"We could not parse the JSON body of your request ({first.get('msg')})")
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    return ApiError(400, f"{param or 'body'}: {first.get('msg')}", param=param)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api(_request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc).response()
+
+    @app.exception_handler(EdgeftError)
+    async def _edgeft(_request: Request, exc: EdgeftError) -> JSONResponse:
+        return ApiError(400, str(exc)).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return ApiError(exc.status_code, str(exc.detail), kind).response()
+
+    @app.exception_handler(Exception)
+    async def _crash(_request: Request, exc: Exception) -> JSONResponse:
+        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", "server_error").response()
+
+
+class ApiKeyMiddleware:
+    """``Authorization: Bearer KEY`` on every path but /health. Checked before the body is read,
+    so an unauthenticated client learns nothing about request validation."""
+
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = Headers(scope=scope).get("authorization", "").encode()
+            if not secrets.compare_digest(given, self.expected):
+                error = ApiError(401, "Incorrect or missing API key", code="invalid_api_key")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation: a single worker thread and a bounded count of waiting/running jobs.
+
+
+class Worker:
+    """Runs generations one at a time off the event loop; refuses work beyond ``max_queue``."""
+
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
+        self.pending = 0  # only touched on the event loop thread, so no lock
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeft-generate")
+
+    def submit(self, job: Callable[[], Any]) -> asyncio.Future:
+        if self.pending >= self.max_queue:
+            raise ApiError(
+                503,
+                f"the server is busy ({self.pending} requests queued); retry later",
+                "server_error",
+                code="overloaded",
+            )
+        self.pending += 1
+        future = asyncio.get_running_loop().run_in_executor(self.executor, job)
+        future.add_done_callback(self._release)  # runs on the loop when the job ends, however it ends
+        return future
+
+    def _release(self, _future: asyncio.Future) -> None:
+        self.pending -= 1
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class Job:
+    """One accepted request, ready to run: its Stream and how to shape its response."""
+
+    stream: Stream
+    model: str
+    chat: bool
+    streaming: bool
+    include_usage: bool
+    id: str = ""
+    created: int = 0
+
+    def __post_init__(self) -> None:
+        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+
+    def usage(self) -> dict[str, int]:
+        s = self.stream
+        return {
+            "prompt_tokens": s.prompt_tokens,
+            "completion_tokens": s.completion_tokens,
+            "total_tokens": s.prompt_tokens + s.completion_tokens,
+        }
+
+    def body(self) -> dict[str, Any]:
+        """The non-streaming response."""
+        s = self.stream
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": s.text}, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": s.text, "logprobs": None}
+        choice["finish_reason"] = s.finish_reason
+        obj = "chat.completion" if self.chat else "text_completion"
+        return {**self._head(obj), "choices": [choice], "usage": self.usage()}
+
+    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> str:
+        """One server-sent event in OpenAI's chunk format."""
+        if self.chat:
+            delta: dict[str, str] = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+        body = {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [choice]}
+        if self.include_usage:
+            body["usage"] = None  # OpenAI sets usage only on the extra last chunk
+        return _sse(body)
+
+    def usage_chunk(self) -> str:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return _sse({**self._head(obj), "choices": [], "usage": self.usage()})
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+
+def _sse(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+_DONE = "data: [DONE]\n\n"
+
+
+class Server:
+    """The routes' state: the generator, the model ids, the worker."""
+
+    def __init__(self, generator: TextGenerator, max_queue: int):
+        self.generator = generator
+        self.base_id = base_model_id(generator)
+        self.worker = Worker(max_queue)
+
+    def model_ids(self) -> list[str]:
+        return [self.base_id, *(n for n in self.generator.decoder.adapters if n not in (BASE, self.base_id))]
+
+    def adapter_for(self, model: str) -> str:
+        if model in (self.base_id, BASE):
+            return BASE
+        if model in self.generator.decoder.adapters:
+            return model
+        raise ApiError(
+            404, f"The model '{model}' does not exist (served: {', '.join(self.model_ids())})", param="model",
+            code="model_not_found",
+        )  # fmt: skip
+
+    async def prepare(self, req: _Sampled, prompt: str | None, messages: list[dict] | None, chat: bool) -> Job:
+        """Validate and tokenize (in a thread pool, not the generation worker: a bad or long
+        prompt is answered without waiting behind other generations)."""
+        adapter = self.adapter_for(req.model)
+        ids = await run_in_threadpool(self.generator.encode, prompt, messages)
+        room = self.generator.bundle.max_seq_len - len(ids)
+        sampling = Sampling(req.limit(room), req.temperature, req.top_k, req.top_p, req.seed)
+        # TextGenerator.stream caps max_new_tokens at the room left in the context.
+        stream = self.generator.stream(ids, adapter, sampling, req.stops())
+        return Job(stream, req.model, chat, req.stream, req.include_usage())
+
+    async def respond(self, job: Job) -> JSONResponse | StreamingResponse:
+        if not job.streaming:
+            await self.worker.submit(lambda: list(job.stream))
+            return JSONResponse(job.body())
+        return await self._stream(job)
+
+    async def _stream(self, job: Job) -> StreamingResponse:
+        """Generate on the worker, hand pieces to the loop through an asyncio queue. The first
+        item is awaited before answering, so an error at prefill is still a proper HTTP error."""
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def emit(item: tuple[str, Any]) -> None:
+            try:
+                loop.call_soon_threadsafe(items.put_nowait, item)
+            except RuntimeError:  # the loop is gone (server shutting down)
+                cancelled.set()
+
+        def produce() -> None:
+            try:
+                for piece in job.stream:
+                    if cancelled.is_set():  # the client went away: stop spending device time
+                        return
+                    emit(("piece", piece))
+                emit(("done", None))
+            except Exception as e:  # noqa: BLE001 - handed to the loop, which answers it
+                emit(("error", e))
+
+        self.worker.submit(produce)
+        try:
+            first = await items.get()
+        except BaseException:
+            cancelled.set()
+            raise
+        if first[0] == "error":
+            raise first[1]
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(_events(job, first, items, cancelled), media_type="text/event-stream", headers=headers)
+
+
+async def _events(
+    job: Job, first: tuple[str, Any], items: asyncio.Queue, cancelled: threading.Event
+) -> AsyncIterator[str]:
+    try:
+        if job.chat:
+            yield job.chunk("", role=True)  # OpenAI opens a chat stream with the role
+        item = first
+        while item[0] == "piece":
+            yield job.chunk(item[1])
+            item = await items.get()
+        if item[0] == "error":
+            # Headers are sent already; OpenAI clients raise on an "error" event.
+            yield _sse(_error_body(item[1]))
+        else:
+            yield job.chunk(None, job.stream.finish_reason)
+            if job.include_usage:
+                yield job.usage_chunk()
+        yield _DONE
+    finally:
+        cancelled.set()
+
+
+def _error_body(exc: BaseException) -> dict[str, Any]:
+    kind = "invalid_request_error" if isinstance(exc, EdgeftError) else "server_error"
+    return {"error": {"message": str(exc), "type": kind, "param": None, "code": None}}
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+
+
+def create_app(generator: TextGenerator, api_key: str | None = None, max_queue: int = 8) -> FastAPI:
+    """The OpenAI-compatible app over ``generator`` (its decoder's adapters are the models)."""
+    server = Server(generator, max_queue)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        server.worker.shutdown()
+
+    app = FastAPI(title="edgeft", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    _install_error_handlers(app)
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "edgeft"} for m in server.model_ids()]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        job = await server.prepare(req, req.text(), None, chat=False)
+        return await server.respond(job)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest):
+        messages = [m.as_template_input() for m in req.messages]
+        job = await server.prepare(req, None, messages, chat=True)
+        return await server.respond(job)
+
+    return app
