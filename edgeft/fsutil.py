@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -43,6 +44,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for "no space left" / "quota exceeded", including safetensors' writer, which wraps the
+    OS error in a SafetensorError whose text ends in ``(os error 28)``."""
+    if isinstance(exc, OSError):
+        return exc.errno in DISK_FULL_ERRNOS
+    from safetensors import SafetensorError  # lazy: keeps this module import-light
+
+    return isinstance(exc, SafetensorError) and any(f"(os error {n})" in str(exc) for n in DISK_FULL_ERRNOS)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

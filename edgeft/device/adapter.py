@@ -111,6 +111,8 @@ def save_adapter(path: str | os.PathLike, bundle: Bundle, lora: dict[str, np.nda
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*"):  # left by a killed writer; one writer per path
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         config = json.loads(bundle.path(bundle.manifest["lora"]["init_adapter"]).joinpath(CONFIG).read_text())

@@ -10,11 +10,12 @@ import hashlib
 import json
 import math
 import os
-import resource
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,10 +26,11 @@ from edgeft.device.adapter import load_adapter, save_adapter
 from edgeft.device.data import Batch, Example, load_examples, make_batches
 from edgeft.device.evaluate import mean_loss
 from edgeft.device.optim import AdamW, linear_schedule
+from edgeft.device.planner import peak_rss_mb
 from edgeft.device.runtime import LoraModel
 from edgeft.device.tokenizer import BundleTokenizer
 from edgeft.errors import EdgeftError
-from edgeft.fsutil import atomic_write_json, fsync_tree, sha256_file
+from edgeft.fsutil import atomic_write_json, fsync_dir, fsync_tree, is_disk_full, sha256_file
 
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
@@ -134,7 +136,8 @@ class _Run:
         before = mean_loss(model, evals, self.cfg.batch_size, self.pad)[0] if evals else None
         self._loop(model)
         after = mean_loss(model, evals, self.cfg.batch_size, self.pad)[0] if evals else None
-        save_adapter(self.out / "adapter", self.bundle, model.lora())
+        with _disk_full_is_an_error(self.out / "adapter", "the trained adapter", self.out / CHECKPOINTS):
+            save_adapter(self.out / "adapter", self.bundle, model.lora())
         return self._summary(before, after)
 
     def _loop(self, model: LoraModel) -> None:
@@ -183,14 +186,25 @@ class _Run:
         return batch
 
     def _save_checkpoint(self, model: LoraModel) -> None:
-        from safetensors.numpy import save_file
-
         root = self.out / CHECKPOINTS
+        with _disk_full_is_an_error(root, f"checkpoint step {self.step}", root):
+            self._write_checkpoint(root, model)
+        _prune_checkpoints(root)
+
+    def _write_checkpoint(self, root: Path, model: LoraModel) -> None:
+        """Stage the checkpoint in a hidden '.step-*' dir, fsync it, then rename it visible: a reader
+        (``--resume``) sees a complete checkpoint or none, whatever moment the process dies at."""
+        from safetensors.numpy import save
+
         root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".step-", dir=root))
         try:
-            save_file(model.lora(), str(staging / "lora.safetensors"))
-            save_file(self.optim.state_tensors(), str(staging / "optimizer.safetensors"))
+            # Serialize here and write the bytes ourselves: safetensors' save_file reports a full disk
+            # as a SafetensorError carrying only text, while a plain write raises OSError(ENOSPC).
+            (staging / "lora.safetensors").write_bytes(save(model.lora()))
+            _test_pause()
+            (staging / "optimizer.safetensors").write_bytes(save(self.optim.state_tensors()))
+            _test_pause()
             state = {
                 "step": self.step,
                 "position": asdict(self.pos),
@@ -200,18 +214,23 @@ class _Run:
                 "config": self.fingerprint,
             }
             atomic_write_json(staging / "state.json", state)
+            _test_pause()
             fsync_tree(staging)
             os.replace(staging, root / f"step-{self.step:08d}")
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        for old in _complete_checkpoints(root)[:-KEEP_CHECKPOINTS]:
-            shutil.rmtree(old)
+        fsync_dir(root)  # the rename must be durable before pruning deletes an older checkpoint
+        _test_pause()
 
     def _restore(self) -> dict[str, np.ndarray] | None:
         """Load the newest complete checkpoint; None when there is none yet."""
         from safetensors.numpy import load_file
 
+        # What a killed run left: staging dirs, and checkpoints it had no time to prune (else
+        # repeated kills in that window would pile them up on the device's disk).
+        _remove_stale_staging(self.out / CHECKPOINTS)
+        _prune_checkpoints(self.out / CHECKPOINTS)
         found = _complete_checkpoints(self.out / CHECKPOINTS)
         if not found:
             return None
@@ -246,11 +265,12 @@ class _Run:
             "eval_loss": after,
             "tokens": self.tokens,
             "tokens_per_second": self.tokens / max(self.seconds, 1e-9),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": peak_rss_mb(),
             "seconds": self.seconds,
             "adapter": str(self.out / "adapter"),
         }
-        atomic_write_json(self.out / "summary.json", summary)
+        with _disk_full_is_an_error(self.out / "summary.json", "the run summary", self.out / CHECKPOINTS):
+            atomic_write_json(self.out / "summary.json", summary)
         return summary
 
 
@@ -259,3 +279,46 @@ def _complete_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.glob("step-*") if (p / "state.json").is_file())
+
+
+def _prune_checkpoints(root: Path) -> None:
+    """Keep the newest ``KEEP_CHECKPOINTS``. Each older one is first renamed hidden (one atomic
+    step), so a kill during the delete never leaves a half-deleted checkpoint that looks complete."""
+    for old in _complete_checkpoints(root)[:-KEEP_CHECKPOINTS]:
+        hidden = root / f".{old.name}.pruned"  # '.step-*': removed by _remove_stale_staging if left
+        os.replace(old, hidden)
+        shutil.rmtree(hidden)
+
+
+def _remove_stale_staging(root: Path) -> None:
+    """Delete '.step-*' dirs (unfinished checkpoints, half-pruned ones) that a killed run left.
+    Safe because a run directory has one writer: this runs at ``--resume``, before training."""
+    if root.is_dir():
+        for stale in root.glob(".step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _test_pause() -> None:
+    """Test-only hook, unset in real use: ``EDGEFT_TEST_SLOW_CHECKPOINT=SECONDS`` sleeps between the
+    stages of a checkpoint write so tests/test_crash_safety.py can SIGKILL inside a write on purpose."""
+    delay = os.environ.get("EDGEFT_TEST_SLOW_CHECKPOINT")
+    if delay:
+        time.sleep(float(delay))
+
+
+@contextmanager
+def _disk_full_is_an_error(path: Path, writing: str, checkpoints: Path) -> Iterator[None]:
+    """Turn a full disk (or quota) while writing into one clear EdgeftError. The writers delete
+    their own staging files on the way out, so the newest complete checkpoint stays the resume point."""
+    try:
+        yield
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        found = _complete_checkpoints(checkpoints)
+        kept = (
+            f"the previous checkpoint {found[-1]} is intact; free some space and rerun with --resume"
+            if found
+            else "no checkpoint was written yet; free some space and rerun with --resume to start over"
+        )
+        raise EdgeftError(f"{path}: no space left on device while writing {writing}; {kept}") from None

@@ -1,0 +1,319 @@
+"""Crash safety of ``edgeft train``: a device's adapter is never lost or corrupted.
+
+``edgeft train`` runs as a real subprocess that is SIGKILLed at random moments (start-up, training
+steps, inside checkpoint writes) and restarted with ``--resume`` until it finishes; on a small
+tmpfs the disk fills up in the middle of a checkpoint write. After every kill and every failure the
+run directory must hold only complete checkpoints, and the finished run must equal an
+uninterrupted one. Measured: the result is bit-exact (deterministic ONNX Runtime + numpy AdamW),
+so the test asserts bit-exact equality.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import DATA
+
+STEPS = 40
+KILLS = 24
+SEED = 1234
+KEEP = 2  # edgeft.device.train.KEEP_CHECKPOINTS
+SLOW_WRITE_S = 0.05  # EDGEFT_TEST_SLOW_CHECKPOINT: pause between the stages of a checkpoint write
+PAGE = os.sysconf("SC_PAGE_SIZE")
+CHECKPOINT_FILES = {"lora.safetensors", "optimizer.safetensors", "state.json"}
+
+# `python -m edgeft.cli`, as a device runs it: without torch. onnxruntime's training build imports
+# torch whenever it is installed (3 s per start in the host venv), too slow for dozens of restarts.
+LAUNCH = 'import runpy, sys; sys.modules["torch"] = None; runpy.run_module("edgeft.cli", run_name="__main__")'
+
+
+@dataclass
+class Reference:
+    """An uninterrupted run with the same settings."""
+
+    adapter: dict[str, np.ndarray]
+    losses: list[float]
+    wall_s: float
+    checkpoint_bytes: int  # disk pages one checkpoint takes
+
+
+def _argv(bundle: Path, run: Path, *extra: str) -> list[str]:
+    data = str(DATA / "train.jsonl")
+    opts = ["--max-steps", str(STEPS), "--save-every", "1", "--lr", "5e-3", "--seed", "3"]
+    return [sys.executable, "-c", LAUNCH, "train", str(bundle), "--data", data, "--out", str(run), *opts, *extra]
+
+
+def _load(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+def _pages(directory: Path) -> int:
+    return sum(-(-f.stat().st_size // PAGE) * PAGE for f in directory.iterdir())
+
+
+@pytest.fixture(scope="module")
+def reference(llama_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Reference:
+    run = tmp_path_factory.mktemp("reference") / "run"
+    t0 = time.monotonic()
+    done = subprocess.run(_argv(llama_bundle, run, "--no-progress"), capture_output=True, text=True, timeout=120)
+    wall = time.monotonic() - t0
+    assert done.returncode == 0, done.stderr
+    losses = json.loads((run / "summary.json").read_text())["losses"]
+    newest = sorted((run / "checkpoints").iterdir())[-1]
+    return Reference(_load(run / "adapter" / "adapter_model.safetensors"), losses, wall, _pages(newest))
+
+
+def _assert_same_adapter(run: Path, ref: Reference) -> None:
+    got = _load(run / "adapter" / "adapter_model.safetensors")
+    assert got.keys() == ref.adapter.keys()
+    worst = max(float(np.max(np.abs(got[k] - ref.adapter[k]))) for k in got)
+    assert all(np.array_equal(got[k], ref.adapter[k]) for k in got), f"not bit-exact: max abs diff {worst}"
+
+
+def _assert_consistent(run: Path, ref: Reference) -> int:
+    """Everything visible in ``run`` is complete and loadable; returns the newest checkpoint's step."""
+    steps = []
+    root = run / "checkpoints"
+    for ckpt in sorted(root.iterdir()) if root.is_dir() else []:
+        if ckpt.name.startswith("."):
+            continue  # staging: invisible to --resume by design
+        assert re.fullmatch(r"step-\d{8}", ckpt.name), ckpt
+        assert {f.name for f in ckpt.iterdir()} == CHECKPOINT_FILES, f"{ckpt} is incomplete"
+        state = json.loads((ckpt / "state.json").read_text())
+        step = int(ckpt.name.removeprefix("step-"))
+        assert state["step"] == step and state["losses"] == ref.losses[:step], ckpt
+        assert len(_load(ckpt / "lora.safetensors")) == len(ref.adapter), ckpt  # ONNX names here, PEFT there
+        assert _load(ckpt / "optimizer.safetensors"), ckpt
+        steps.append(step)
+    assert len(steps) <= KEEP + 1, steps  # KEEP, plus a new one whose older sibling is being pruned
+    if (run / "adapter").exists():  # only written at the very end: must be whole and final
+        json.loads((run / "adapter" / "adapter_config.json").read_text())
+        _assert_same_adapter(run, ref)
+    if (run / "summary.json").exists():
+        assert json.loads((run / "summary.json").read_text())["losses"] == ref.losses
+    return max(steps, default=0)
+
+
+def _assert_finished(run: Path, ref: Reference) -> None:
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["losses"] == ref.losses  # nothing redone from step 0
+    _assert_same_adapter(run, ref)
+    stale = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert not stale, f"staging dirs left behind: {stale}"
+
+
+# --- SIGKILL at random moments ------------------------------------------------------------------
+
+
+def _entries(root: Path) -> dict[str, set[str]]:
+    """Names in RUN/checkpoints, each with the files inside it (empty while unreadable)."""
+    out: dict[str, set[str]] = {}
+    try:
+        for entry in os.scandir(root):
+            try:
+                out[entry.name] = set(os.listdir(entry.path))
+            except OSError:  # renamed or deleted under us
+                out[entry.name] = set()
+    except FileNotFoundError:  # the run has not created it yet
+        pass
+    return out
+
+
+# Stages of a (slowed-down) checkpoint write, told apart by what is on disk: (present, absent)
+# files in the staging dir, or, for "before-prune", a new visible checkpoint beside KEEP others.
+STAGES = {
+    "after-lora": ("lora.safetensors", "optimizer.safetensors"),
+    "after-optimizer": ("optimizer.safetensors", "state.json"),
+    "after-state": ("state.json", None),
+    "before-prune": None,
+}
+
+
+class _StageWatch:
+    """True once the ``nth`` checkpoint this launch writes is in ``stage``; what a killed earlier
+    launch left behind (stale staging dirs, an unpruned checkpoint) never counts."""
+
+    def __init__(self, root: Path, stage: str, nth: int):
+        self.root, self.stage, self.nth = root, stage, nth
+        self.old = set(_entries(root))
+        self.seen: set[str] = set()
+
+    def reached(self) -> bool:
+        entries = _entries(self.root)
+        visible = [n for n in entries if n.startswith("step-")]
+        if self.stage == "before-prune":
+            self.seen.update(n for n in visible if n not in self.old)
+            return len(self.seen) >= self.nth and len(visible) > KEEP
+        present, absent = STAGES[self.stage]
+        for name, files in entries.items():
+            if name.startswith(".step-") and not name.endswith(".pruned") and name not in self.old:
+                self.seen.add(name)
+                if len(self.seen) >= self.nth and present in files and (absent is None or absent not in files):
+                    return True
+        return False
+
+
+def _wait_and_kill(proc: subprocess.Popen, mode: str, rng: random.Random, ref: Reference, root: Path) -> None:
+    watch = _StageWatch(root, mode, rng.randint(1, 3)) if mode in STAGES else None
+    if mode == "start-up":
+        deadline = time.monotonic() + rng.uniform(0.0, 0.45 * ref.wall_s)
+    elif mode == "anytime":
+        deadline = time.monotonic() + rng.uniform(0.3 * ref.wall_s, ref.wall_s)
+    else:
+        deadline = time.monotonic() + 30  # the stage comes long before
+    while proc.poll() is None and time.monotonic() < deadline:
+        if watch and watch.reached():
+            time.sleep(rng.uniform(0.0, 0.6 * SLOW_WRITE_S))  # somewhere inside this stage's pause
+            break
+        time.sleep(0.002)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def _start_step(stderr: str) -> int | None:
+    """The step the launch started from: tqdm's first bar shows it (``10/40 [``)."""
+    m = re.search(r"(\d+)/\d+ \[", stderr)
+    return int(m.group(1)) if m else None
+
+
+def test_sigkill_at_random_moments_never_loses_or_corrupts(
+    llama_bundle: Path, reference: Reference, tmp_path: Path
+) -> None:
+    """>= KILLS SIGKILLs spread over start-up, training steps and checkpoint writes; each restart
+    resumes from the newest complete checkpoint; every finished run equals the uninterrupted one."""
+    rng = random.Random(SEED)
+    # Every kind of moment in a shuffled, repeating order: each gets several kills whatever the timing.
+    modes = rng.sample(["start-up", "anytime", *STAGES] * 4, k=4 * (2 + len(STAGES)))
+    kills: Counter[str] = Counter()
+    finished, resumed_mid_run, launches = 0, 0, 0
+    run, newest, resume = tmp_path / "run-0", 0, False
+    while sum(kills.values()) < KILLS or resume:
+        launches += 1
+        assert launches < 4 * KILLS, "runs do not progress"
+        # Once enough kills landed, the current run finishes without one.
+        mode = modes[launches % len(modes)] if sum(kills.values()) < KILLS else "never"
+        env = dict(os.environ)
+        if mode in STAGES:
+            env["EDGEFT_TEST_SLOW_CHECKPOINT"] = str(SLOW_WRITE_S)
+        log = tmp_path / f"stderr-{launches}.txt"
+        with open(log, "w") as err:  # progress bar on: its first frame shows the step resumed at
+            argv = _argv(llama_bundle, run, *(["--resume"] if resume else []))
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env)
+            if mode == "never":
+                proc.wait(timeout=120)
+            else:
+                _wait_and_kill(proc, mode, rng, reference, run / "checkpoints")
+        stderr = log.read_text()
+        started = _start_step(stderr)
+        assert started is None or started == newest, f"resumed at {started}, newest checkpoint {newest}"
+        resumed_mid_run += bool(started)
+        if proc.returncode == 0:
+            _assert_finished(run, reference)
+            finished += 1
+            run, newest, resume = tmp_path / f"run-{finished}", 0, False
+            continue
+        assert proc.returncode == -signal.SIGKILL, stderr
+        kills[mode] += 1
+        newest_now = _assert_consistent(run, reference)
+        assert newest_now >= newest, "a complete checkpoint disappeared"
+        newest, resume = newest_now, True
+    assert finished >= 1 and resumed_mid_run >= KILLS // 3, (finished, resumed_mid_run)
+    assert all(kills[m] >= 1 for m in ["start-up", "anytime", *STAGES]), kills
+
+
+# --- full disk ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A fresh 8 MiB tmpfs, unmounted afterwards; skipped where mounting is not allowed."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if not sys.platform.startswith("linux") or shutil.which("mount") is None:
+        pytest.skip("needs Linux mount(8) to make a small tmpfs that fills up")
+    cmd = ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)]
+    mounted = subprocess.run(cmd, capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root or CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _fill(disk: Path, leave: int) -> Path:
+    """Fill ``disk`` but ``leave`` bytes with a file that can be deleted to free space again."""
+    st = os.statvfs(disk)
+    filler = disk / "filler"
+    with open(filler, "wb") as f:
+        f.write(b"\0" * (st.f_bavail * st.f_frsize - leave))
+    return filler
+
+
+def _one_error_line(stderr: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert "no space left on device" in lines[0]
+    return lines[0]
+
+
+def test_full_disk_during_checkpoint_keeps_previous_one_and_resumes(
+    llama_bundle: Path, reference: Reference, small_disk: Path
+) -> None:
+    run = small_disk / "run"
+    filler = _fill(small_disk, leave=int(1.5 * reference.checkpoint_bytes))  # ~1.5 checkpoints fit
+    failed = subprocess.run(_argv(llama_bundle, run, "--no-progress"), capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 2, failed.stderr
+    line = _one_error_line(failed.stderr)
+    assert f"{run / 'checkpoints'}: " in line
+    step = int(re.search(r"writing checkpoint step (\d+);", line).group(1))
+    assert step >= 2, line  # at least one checkpoint was complete before the disk filled
+    previous = run / "checkpoints" / f"step-{step - 1:08d}"
+    assert f"previous checkpoint {previous} is intact" in line
+    assert sorted(p.name for p in (run / "checkpoints").iterdir())[-1] == previous.name
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")], "staging left behind"
+    assert _assert_consistent(run, reference) == step - 1
+    assert not (run / "adapter").exists() and not (run / "summary.json").exists()
+
+    filler.unlink()
+    argv = _argv(llama_bundle, run, "--no-progress", "--resume")
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    _assert_finished(run, reference)
+
+
+def test_full_disk_during_adapter_write_is_one_clear_error(
+    llama_bundle: Path, reference: Reference, small_disk: Path
+) -> None:
+    """No checkpoints; the disk fills inside safetensors' writer (its own error type, not OSError)."""
+    run = small_disk / "run"
+    filler = _fill(small_disk, leave=4 * PAGE)  # the adapter config fits, the weights (~30 kB) do not
+    argv = [*_argv(llama_bundle, run, "--no-progress"), "--save-every", "0"]
+    failed = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 2, failed.stderr
+    line = _one_error_line(failed.stderr)
+    assert f"{run / 'adapter'}: " in line and "trained adapter" in line and "no checkpoint" in line
+    assert not any(run.iterdir()), "a partial adapter or its staging dir was left behind"
+
+    filler.unlink()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    _assert_same_adapter(run, reference)
