@@ -36,6 +36,15 @@ def _csv(_ctx, _param, value):
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+PROFILE = click.option("--profile", help="Device profile (see `edgeft devices`): threads, providers, memory budget.")
+TRUSTED_KEY = click.option(
+    "--trusted-key",
+    type=PathArg,
+    help="Public key (edgeft keygen's KEYFILE.pub): refuse bundles not signed by it, or with any file "
+    "changed [default: env EDGEFT_TRUSTED_KEY].",
+)
+
+
 @main.command()
 @click.argument("model_dir", type=PathArg)
 @click.option("--out", required=True, type=PathArg, help="Bundle directory to write.")
@@ -43,19 +52,19 @@ def _csv(_ctx, _param, value):
 @click.option("--lora-alpha", default=16.0, show_default=True, type=float)
 @click.option("--lora-dropout", default=0.0, show_default=True, type=float)
 @click.option("--target-modules", callback=_csv, help="Comma-separated LoRA targets (default: per model type).")
-@click.option("--max-seq-len", default=512, show_default=True, type=int)
+@click.option("--max-seq-len", type=int, help="Longest sample/context [default: the profile's, else 512].")
 @click.option("--init-adapter", type=PathArg, help="Start from this PEFT LoRA adapter (its r/alpha/targets win).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
-def export(model_dir, out, lora_r, lora_alpha, lora_dropout, target_modules, max_seq_len, init_adapter, overwrite):
+@click.option("--sign-key", type=PathArg, help="Sign the bundle with this private key (from `edgeft keygen`).")
+@PROFILE
+def export(profile, max_seq_len, **options):
     """(host) Export MODEL_DIR (a Hugging Face causal LM) to a training bundle."""
     from edgeft.host.export import ExportConfig, export_bundle
+    from edgeft.profiles import load_profile
 
-    path = export_bundle(
-        ExportConfig(
-            model_dir, out, lora_r, lora_alpha, lora_dropout, target_modules, max_seq_len, init_adapter, overwrite
-        )
-    )
-    click.echo(f"bundle: {path}")
+    if max_seq_len is None:
+        max_seq_len = load_profile(profile).defaults.max_seq_len if profile else 512
+    click.echo(f"bundle: {export_bundle(ExportConfig(max_seq_len=max_seq_len, **options))}")
 
 
 @main.command()
@@ -75,54 +84,24 @@ def export(model_dir, out, lora_r, lora_alpha, lora_dropout, target_modules, max
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in --out.")
 @click.option("--truncate", is_flag=True, help="Cut over-long samples instead of refusing them.")
 @click.option("--threads", type=int, help="Intra-op threads (default: all cores).")
+@click.option("--provider", help="cpu or cuda (default: the profile's, else cpu).")
+@click.option(
+    "--memory-budget",
+    "memory_budget_mb",
+    type=click.FloatRange(min=1),
+    help="MB; refuse runs estimated above it [default: the profile's, else available memory].",
+)
 @click.option("--no-progress", is_flag=True)
-def train(
-    bundle,
-    data,
-    out,
-    eval_data,
-    max_steps,
-    epochs,
-    lr,
-    warmup_steps,
-    batch_size,
-    grad_accum,
-    max_seq_len,
-    seed,
-    save_every,
-    resume,
-    truncate,
-    threads,
-    no_progress,
-):
+@PROFILE
+@TRUSTED_KEY
+def train(no_progress, **options):
     """(device) Fine-tune the bundle's LoRA adapter on local data."""
     from edgeft.device.train import TrainConfig
     from edgeft.device.train import train as run_training
 
-    summary = run_training(
-        TrainConfig(
-            bundle,
-            data,
-            out,
-            eval_data,
-            max_steps,
-            epochs,
-            lr,
-            warmup_steps,
-            batch_size,
-            grad_accum,
-            max_seq_len,
-            seed,
-            save_every,
-            resume,
-            truncate,
-            threads,
-            not no_progress,
-        )
-    )
-    shown = {
-        k: summary[k] for k in ("steps", "eval_loss_before", "eval_loss", "tokens_per_second", "peak_rss_mb", "seconds")
-    }
+    summary = run_training(TrainConfig(progress=not no_progress, **options))
+    keys = ("steps", "eval_loss_before", "eval_loss", "tokens_per_second", "peak_rss_mb", "seconds")
+    shown = {k: summary[k] for k in keys}
     shown["final_loss"] = summary["losses"][-1] if summary["losses"] else None
     click.echo(json.dumps(shown))
 
@@ -135,11 +114,13 @@ def train(
 @click.option("--max-seq-len", type=int)
 @click.option("--truncate", is_flag=True)
 @click.option("--threads", type=int)
-def eval_(bundle, data, adapter, batch_size, max_seq_len, truncate, threads):
+@PROFILE
+@TRUSTED_KEY
+def eval_(**options):
     """(device) Print {"loss", "perplexity"} of the bundle on DATA."""
     from edgeft.device.evaluate import EvalConfig, evaluate
 
-    click.echo(json.dumps(evaluate(EvalConfig(bundle, data, adapter, batch_size, max_seq_len, truncate, threads))))
+    click.echo(json.dumps(evaluate(EvalConfig(**options))))
 
 
 @main.command()
@@ -153,29 +134,18 @@ def eval_(bundle, data, adapter, batch_size, max_seq_len, truncate, threads):
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
 @click.option("--seed", type=int)
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
-@click.option("--provider", help="Execution provider, e.g. cpu or cuda (default: the best available).")
+@click.option(
+    "--provider", help="Execution provider, e.g. cpu or cuda (default: the profile's, else the best available)."
+)
 @click.option("--threads", type=int)
-def generate(bundle, prompt, adapter, chat, max_new_tokens, temperature, top_k, top_p, seed, stop, provider, threads):
+@PROFILE
+@TRUSTED_KEY
+def generate(stop, **options):
     """(device) Stream a completion of --prompt to stdout."""
     from edgeft.device.generate import GenerateConfig
     from edgeft.device.generate import generate as run_generate
 
-    run_generate(
-        GenerateConfig(
-            bundle,
-            prompt,
-            adapter,
-            chat,
-            max_new_tokens,
-            temperature,
-            top_k,
-            top_p,
-            seed,
-            list(stop),
-            provider,
-            threads,
-        )
-    )
+    run_generate(GenerateConfig(stop=list(stop), **options))
 
 
 @main.command()
@@ -183,12 +153,13 @@ def generate(bundle, prompt, adapter, chat, max_new_tokens, temperature, top_k, 
 @click.option("--adapter", required=True, type=PathArg, help="The PEFT LoRA adapter directory to fuse in.")
 @click.option("--out", required=True, type=PathArg, help="Directory to write (an optimum ORTModelForCausalLM).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing directory at --out.")
-def merge(bundle, adapter, out, overwrite):
+@TRUSTED_KEY
+def merge(bundle, adapter, out, overwrite, trusted_key):
     """(device) Fuse --adapter into the bundle's base weights: a standalone ONNX model directory."""
     from edgeft.device.merge import MergeConfig
     from edgeft.device.merge import merge as run_merge
 
-    click.echo(f"merged: {run_merge(MergeConfig(bundle, adapter, out, overwrite))}")
+    click.echo(f"merged: {run_merge(MergeConfig(bundle, adapter, out, overwrite, trusted_key=trusted_key))}")
 
 
 @main.command()
@@ -200,7 +171,8 @@ def merge(bundle, adapter, out, overwrite):
 @click.option("--max-queue", default=8, show_default=True, type=click.IntRange(min=1), help="Busy (503) beyond this.")
 @click.option("--provider", help="Execution provider, e.g. cpu or cuda (default: the best available).")
 @click.option("--threads", type=int)
-def serve(bundle, adapter_specs, host, port, api_key, max_queue, provider, threads):
+@TRUSTED_KEY
+def serve(bundle, adapter_specs, host, port, api_key, max_queue, provider, threads, trusted_key):
     """(device) Serve the bundle and its adapters over an OpenAI-compatible HTTP API."""
     from edgeft.device.server import ServeConfig
     from edgeft.device.server import serve as run_server
@@ -211,7 +183,9 @@ def serve(bundle, adapter_specs, host, port, api_key, max_queue, provider, threa
         if not name or not path or name in adapters:
             raise click.BadParameter(f"{spec!r}: expected NAME=DIR, each NAME once", param_hint="--adapter")
         adapters[name] = Path(path)
-    run_server(ServeConfig(bundle, adapters, host, port, api_key, max_queue, provider, threads))
+    run_server(
+        ServeConfig(bundle, adapters, host, port, api_key, max_queue, provider, threads, trusted_key=trusted_key)
+    )
 
 
 @main.group(invoke_without_command=True)
@@ -243,12 +217,13 @@ def devices_check(profile, as_json):
 @click.option(
     "--json", "as_json", is_flag=True, help='Print {"train_peak_mb": ..., "serve_peak_mb": ...} and the parts.'
 )
-def plan(bundle, batch_size, max_seq_len, as_json):
+@TRUSTED_KEY
+def plan(bundle, batch_size, max_seq_len, as_json, trusted_key):
     """(device) Estimate peak memory of training and of serving BUNDLE on this machine."""
     from edgeft.bundle import Bundle
     from edgeft.device.planner import plan as make_plan
 
-    result = make_plan(Bundle.open(bundle), batch_size, max_seq_len).as_dict()
+    result = make_plan(Bundle.open(bundle, trusted_key=trusted_key), batch_size, max_seq_len).as_dict()
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -258,6 +233,26 @@ def plan(bundle, batch_size, max_seq_len, as_json):
     click.echo(f"serving   (one request of {result['max_seq_len']} tokens):  {result['serve_peak_mb']:.0f} MB peak")
     parts = ("runtime_mb", "weights_mb", "lora_state_mb", "train_activations_mb", "kv_cache_mb")
     click.echo("  " + ", ".join(f"{k.removesuffix('_mb')} {result[k]:.0f} MB" for k in parts))
+
+
+@main.command()
+@click.option("--out", required=True, type=PathArg, help="Private key file to write; the public key goes to OUT.pub.")
+def keygen(out):
+    """(host) Make an ed25519 signing key pair for `edgeft export --sign-key`."""
+    from edgeft.signing import keygen as make_keys
+
+    private, public = make_keys(out)
+    click.echo(f"private key: {private} (keep it secret)\npublic key: {public} (give to devices: --trusted-key)")
+
+
+@main.command()
+@click.argument("bundle", type=PathArg)
+@TRUSTED_KEY
+def verify(bundle, trusted_key):
+    """Check every file of BUNDLE against its manifest's sha256 and, with a trusted key, its signature."""
+    from edgeft.signing import verify_bundle
+
+    click.echo(verify_bundle(bundle, trusted_key))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ editable install this project uses); any other profile file can be loaded by its
 from __future__ import annotations
 
 import re
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,3 +290,50 @@ def choose_providers(preference: list[str], available: list[str]) -> tuple[list[
         f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not available here "
         f"(this onnxruntime has: {shown}); using {chosen[0]}"
     )
+
+
+# --- what a profile sets for a command -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """Threads, execution provider and memory budget for one command, after a profile is applied."""
+
+    threads: int | None
+    provider: str | None  # first choice for ONNX Runtime; None = edgeft's default
+    memory_budget_mb: float | None
+    max_seq_len: int | None
+
+
+def runtime_settings(
+    profile_name: str | None,
+    role: str,
+    threads: int | None = None,
+    provider: str | None = None,
+    memory_budget_mb: float | None = None,
+) -> RuntimeSettings:
+    """Explicit options win; then the profile (``role`` is "train" or "serve"); then defaults.
+    A preferred provider that this onnxruntime lacks falls back to CPU with a message on stderr."""
+    if profile_name is None:
+        return RuntimeSettings(threads, provider, memory_budget_mb, None)
+    profile = load_profile(profile_name)
+    if role == "train" and not profile.training_supported:
+        raise EdgeftError(f"profile {profile.name}: training is not supported on this device ({profile.notes.strip()})")
+    if provider is None:
+        preference = profile.providers.train if role == "train" else profile.providers.serve
+        chosen, message = choose_providers(preference, _available_providers())
+        if message:
+            print(f"edgeft: profile {profile.name}: {message}", file=sys.stderr)
+        provider = chosen[0]
+    return RuntimeSettings(
+        threads or (profile.threads or None),
+        provider,
+        memory_budget_mb or float(profile.ram_budget_mb),
+        profile.defaults.max_seq_len,
+    )
+
+
+def _available_providers() -> list[str]:
+    from edgeft.device.ort import onnxruntime
+
+    return onnxruntime().get_available_providers()

@@ -24,6 +24,8 @@ class EvalConfig:
     max_seq_len: int | None = None
     truncate: bool = False
     threads: int | None = None
+    profile: str | None = None
+    trusted_key: Path | None = None  # public key the bundle must be signed by (default: env EDGEFT_TRUSTED_KEY)
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -31,14 +33,16 @@ def evaluate(cfg: EvalConfig) -> dict:
     from edgeft.device.adapter import load_adapter
     from edgeft.device.runtime import LoraModel
     from edgeft.device.tokenizer import BundleTokenizer
+    from edgeft.profiles import runtime_settings
 
     if cfg.batch_size < 1:
         raise EdgeftError("--batch-size must be at least 1")
-    bundle = Bundle.open(cfg.bundle)
+    bundle = Bundle.open(cfg.bundle, trusted_key=cfg.trusted_key)
     tok = BundleTokenizer.from_dir(bundle.root)
     examples = load_examples(cfg.data, tok, bundle.seq_len(cfg.max_seq_len), truncate=cfg.truncate)
     adapter = cfg.adapter or bundle.path(bundle.manifest["lora"]["init_adapter"])
-    model = LoraModel(bundle, load_adapter(adapter, bundle), cfg.threads)
+    settings = runtime_settings(cfg.profile, "train", cfg.threads)  # eval runs the training session
+    model = LoraModel(bundle, load_adapter(adapter, bundle), settings.threads, settings.provider)
     loss, tokens = mean_loss(model, examples, cfg.batch_size, tok.pad_token_id)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
 

@@ -32,12 +32,17 @@ class GenerateConfig:
     stop: list[str] = field(default_factory=list)
     provider: str | None = None
     threads: int | None = None
+    profile: str | None = None
+    trusted_key: Path | None = None  # public key the bundle must be signed by (default: env EDGEFT_TRUSTED_KEY)
 
 
 def generate(cfg: GenerateConfig, out=None) -> str:
     """Stream the completion of ``cfg.prompt`` to ``out`` (stdout); return the whole text."""
+    from edgeft.profiles import runtime_settings
+
     out = out or sys.stdout
-    gen = TextGenerator(cfg.bundle, cfg.provider, cfg.threads)
+    settings = runtime_settings(cfg.profile, "serve", cfg.threads, cfg.provider)
+    gen = TextGenerator(Bundle.open(cfg.bundle, trusted_key=cfg.trusted_key), settings.provider, settings.threads)
     adapter = BASE
     if cfg.adapter is not None:
         gen.decoder.add_adapter("adapter", cfg.adapter)

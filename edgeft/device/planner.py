@@ -144,6 +144,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def available_memory_mb() -> float | None:
+    """MemAvailable (Linux), capped by a cgroup memory limit if one is set; None elsewhere."""
+    meminfo = Path("/proc/meminfo")
+    if not meminfo.is_file():
+        return None
+    fields = dict(line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)
+    available = int(fields["MemAvailable"].split()[0]) / 1024
+    limit = Path("/sys/fs/cgroup/memory.max")
+    if limit.is_file() and limit.read_text().strip().isdigit():
+        available = min(available, int(limit.read_text()) / MB - current_rss_mb())
+    return available
+
+
 def current_rss_mb() -> float:
     """VmRSS from /proc (Linux); falls back to the peak from getrusage elsewhere."""
     status = Path("/proc/self/status")

@@ -11,12 +11,15 @@ import numpy as np
 from edgeft.bundle import Bundle
 from edgeft.device.data import Batch
 from edgeft.device.ort import session_options, training_api
+from edgeft.errors import EdgeftError
 
 
 class LoraModel:
     """Training and eval graphs of ``bundle`` sharing one set of parameters."""
 
-    def __init__(self, bundle: Bundle, lora: dict[str, np.ndarray], threads: int | None = None):
+    def __init__(
+        self, bundle: Bundle, lora: dict[str, np.ndarray], threads: int | None = None, provider: str | None = None
+    ):
         api = training_api()
         m = bundle.manifest
         self.bundle = bundle
@@ -25,6 +28,7 @@ class LoraModel:
             str(bundle.path(m["graphs"]["training"]["file"])),
             self.state,
             str(bundle.path(m["graphs"]["eval"]["file"])),
+            device=training_device(provider),
             session_options=session_options(threads),
         )
         self._load_parameters(lora)
@@ -69,6 +73,15 @@ class LoraModel:
 
     def zero_grad(self) -> None:
         self.module.lazy_reset_grad()
+
+
+def training_device(provider: str | None) -> str:
+    """ORT training Module device string for an execution provider name: CUDA or CPU only."""
+    if provider in (None, "CPUExecutionProvider", "cpu"):
+        return "cpu"
+    if provider in ("CUDAExecutionProvider", "cuda"):
+        return "cuda"
+    raise EdgeftError(f"training runs on the CPU or CUDA execution providers, not {provider}")
 
 
 def _inputs(batch: Batch, denominator: float):

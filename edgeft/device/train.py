@@ -26,11 +26,12 @@ from edgeft.device.adapter import load_adapter, save_adapter
 from edgeft.device.data import Batch, Example, load_examples, make_batches
 from edgeft.device.evaluate import mean_loss
 from edgeft.device.optim import AdamW, linear_schedule
-from edgeft.device.planner import peak_rss_mb
+from edgeft.device.planner import available_memory_mb, peak_rss_mb, plan
 from edgeft.device.runtime import LoraModel
 from edgeft.device.tokenizer import BundleTokenizer
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_write_json, fsync_dir, fsync_tree, is_disk_full, sha256_file
+from edgeft.profiles import RuntimeSettings, runtime_settings
 
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
@@ -55,6 +56,10 @@ class TrainConfig:
     truncate: bool = False
     threads: int | None = None
     progress: bool = True
+    profile: str | None = None
+    memory_budget_mb: float | None = None
+    provider: str | None = None
+    trusted_key: Path | None = None  # public key the bundle must be signed by (default: env EDGEFT_TRUSTED_KEY)
 
 
 @dataclass
@@ -68,13 +73,42 @@ class _Position:
 def train(cfg: TrainConfig) -> dict:
     """Run training; returns the summary that is also written to ``RUN_DIR/summary.json``."""
     _check_config(cfg)
-    bundle = Bundle.open(cfg.bundle)
+    settings = runtime_settings(cfg.profile, "train", cfg.threads, cfg.provider, cfg.memory_budget_mb)
+    bundle = Bundle.open(cfg.bundle, trusted_key=cfg.trusted_key)
     tok = BundleTokenizer.from_dir(bundle.root)
     seq_len = bundle.seq_len(cfg.max_seq_len)
     examples = load_examples(cfg.data, tok, seq_len, truncate=cfg.truncate)
     evals = load_examples(cfg.eval_data, tok, seq_len, truncate=cfg.truncate) if cfg.eval_data else None
-    run = _Run(cfg, bundle, tok, examples)
+    batch_seq = min(seq_len, max(len(e.input_ids) for e in examples + (evals or [])))
+    check_memory(bundle, cfg.batch_size, batch_seq, settings.memory_budget_mb)
+    run = _Run(cfg, bundle, tok, examples, settings)
     return run.execute(evals)
+
+
+def check_memory(bundle: Bundle, batch_size: int, seq_len: int, budget_mb: float | None) -> None:
+    """Refuse, with the estimate and a way out, a run the device cannot hold (instead of being
+    killed by the OOM killer halfway). The budget is --memory-budget, the profile's, or the
+    memory available right now."""
+    budget = budget_mb or available_memory_mb()
+    if budget is None:
+        return
+    need = plan(bundle, batch_size, seq_len).train_peak_mb
+    if need <= budget:
+        return
+    hints = []
+    if batch_size > 1:
+        smaller = max(1, batch_size // 2)
+        estimate = plan(bundle, smaller, seq_len).train_peak_mb
+        hints.append(f"--batch-size {smaller} --grad-accum {batch_size // smaller} (~{estimate:.0f} MB)")
+    if seq_len > 64:
+        hints.append(
+            f"--max-seq-len {seq_len // 2} --truncate (~{plan(bundle, batch_size, seq_len // 2).train_peak_mb:.0f} MB)"
+        )
+    hints.append("an int8-quantized base bundle (not available yet)")
+    raise EdgeftError(
+        f"training needs about {need:.0f} MB at batch {batch_size} x {seq_len} tokens but the memory budget is "
+        f"{budget:.0f} MB; try {', or '.join(hints)}, or raise --memory-budget"
+    )
 
 
 def _check_config(cfg: TrainConfig) -> None:
@@ -97,8 +131,10 @@ def _check_config(cfg: TrainConfig) -> None:
 class _Run:
     """State of one training run: model, optimizer, data position, history."""
 
-    def __init__(self, cfg: TrainConfig, bundle: Bundle, tok: BundleTokenizer, examples: list[Example]):
-        self.cfg, self.bundle, self.examples = cfg, bundle, examples
+    def __init__(
+        self, cfg: TrainConfig, bundle: Bundle, tok: BundleTokenizer, examples: list[Example], settings: RuntimeSettings
+    ):
+        self.cfg, self.bundle, self.examples, self.settings = cfg, bundle, examples, settings
         self.pad = tok.pad_token_id
         self.out = Path(cfg.out)
         self.n_batches = math.ceil(len(examples) / cfg.batch_size)
@@ -132,7 +168,7 @@ class _Run:
         lora = self._restore() if self.cfg.resume else None
         if lora is None:
             lora = load_adapter(self.bundle.path(self.bundle.manifest["lora"]["init_adapter"]), self.bundle)
-        model = LoraModel(self.bundle, lora, self.cfg.threads)
+        model = LoraModel(self.bundle, lora, self.settings.threads, self.settings.provider)
         before = mean_loss(model, evals, self.cfg.batch_size, self.pad)[0] if evals else None
         self._loop(model)
         after = mean_loss(model, evals, self.cfg.batch_size, self.pad)[0] if evals else None

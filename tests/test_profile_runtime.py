@@ -1,0 +1,68 @@
+"""Profiles drive the runtime: providers with a CPU fallback, serve-only devices, the memory guard."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+from conftest import DATA
+
+from edgeft.cli import main
+
+
+def _train(bundle, out, *extra):
+    args = [
+        "train",
+        str(bundle),
+        "--data",
+        str(DATA / "train.jsonl"),
+        "--out",
+        str(out),
+        "--max-steps",
+        "2",
+        "--no-progress",
+        *extra,
+    ]
+    return CliRunner().invoke(main, args)
+
+
+def test_memory_guard_refuses_with_estimate_and_way_out(llama_bundle, tmp_path):
+    result = _train(llama_bundle, tmp_path / "run", "--memory-budget", "20", "--batch-size", "8")
+    assert result.exit_code == 2
+    line = result.stderr.strip()
+    assert (
+        line.startswith("error: training needs about")
+        and "--batch-size 4 --grad-accum 2" in line
+        and "--memory-budget" in line
+    )
+    assert len(line.splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_memory_guard_lets_a_fitting_run_through(llama_bundle, tmp_path):
+    result = _train(llama_bundle, tmp_path / "run", "--memory-budget", "4000")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["steps"] == 2
+
+
+def test_serve_only_profile_refuses_training(llama_bundle, tmp_path):
+    result = _train(llama_bundle, tmp_path / "run", "--profile", "raspberry-pi-5")
+    assert result.exit_code == 2 and "training is not supported" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_provider_falls_back_to_cpu_with_a_message(llama_bundle, tmp_path):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        return  # the fallback path is what this test is about; test_cuda.py covers real CUDA
+    result = _train(llama_bundle, tmp_path / "run", "--profile", "x86_64-cuda")
+    assert result.exit_code == 0, result.stderr
+    assert (
+        "CUDAExecutionProvider is not available here" in result.stderr and "using CPUExecutionProvider" in result.stderr
+    )
+    generated = CliRunner().invoke(
+        main,
+        ["generate", str(llama_bundle), "--prompt", "Station", "--max-new-tokens", "4", "--profile", "intel-openvino"],
+    )
+    assert generated.exit_code == 0, generated.stderr
+    assert "OpenVINOExecutionProvider is not available here" in generated.stderr
