@@ -134,14 +134,7 @@ def runtime_baseline_mb() -> float:
 def peak_rss_mb() -> float:
     """This process's peak resident memory (MB). On Linux VmHWM, which starts afresh at exec;
     getrusage's ru_maxrss would include a large parent's memory at fork time."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return _proc_status_mb("VmHWM")
 
 
 def available_memory_mb() -> float | None:
@@ -158,11 +151,16 @@ def available_memory_mb() -> float | None:
 
 
 def current_rss_mb() -> float:
-    """VmRSS from /proc (Linux); falls back to the peak from getrusage elsewhere."""
+    """Resident memory now (MB): VmRSS on Linux."""
+    return _proc_status_mb("VmRSS")
+
+
+def _proc_status_mb(field: str) -> float:
+    """A memory field of /proc/self/status in MB; elsewhere the peak from getrusage."""
     status = Path("/proc/self/status")
     if status.is_file():
         for line in status.read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     import resource
 
