@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,6 +108,7 @@ class Stream:
         self.tokens: list[int] = []
         self.text = ""
         self.finish_reason = "length"
+        self.before_step: Callable[[], None] | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -120,7 +121,7 @@ class Stream:
     def __iter__(self) -> Iterator[str]:
         hold = max((len(s) for s in self.stop), default=1) - 1  # a stop string may be half-generated
         emitted = 0
-        for token in self.gen.decoder.generate_ids(self.prompt, self.adapter, self.sampling, self.gen.stop_ids):
+        for token in self._tokens():
             if token in self.gen.stop_ids:
                 self.finish_reason = "stop"
                 break
@@ -138,6 +139,18 @@ class Stream:
                 emitted = ready
         if len(self.text) > emitted:
             yield self.text[emitted:]
+
+    def _tokens(self) -> Iterator[int]:
+        """Decoder tokens; ``before_step`` (if set) runs before each decoder step and may raise to
+        end the generation between two tokens (the server's timeout and client-gone checks)."""
+        steps = self.gen.decoder.generate_ids(self.prompt, self.adapter, self.sampling, self.gen.stop_ids)
+        while True:
+            if self.before_step is not None:
+                self.before_step()
+            token = next(steps, None)
+            if token is None:
+                return
+            yield token
 
 
 def _first_stop(text: str, stops: list[str]) -> int | None:

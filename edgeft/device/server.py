@@ -6,11 +6,19 @@ threads at once and the event loop never blocks; at most ``max_queue`` generatio
 more are refused at once with 503 so a small device does not pile up work it cannot finish.
 Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, so OpenAI
 clients raise their usual exceptions.
+
+Limits, so one client cannot tie the device up: request bodies over ``max_body_bytes`` get 413
+(from Content-Length, or counted while a chunked body is read), prompts over ``max_prompt_chars``
+get 400, and a request still generating ``request_timeout`` seconds after it arrived is stopped
+between two tokens (504, or a streamed error event). The server binds 127.0.0.1 unless told
+otherwise, and refuses a non-loopback address without an API key unless ``insecure`` is set.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import json
 import secrets
 import threading
@@ -24,7 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi.exceptions import HTTPException, RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
@@ -32,6 +40,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from edgeft.bundle import Bundle
 from edgeft.device.decoder import BASE, Sampling
 from edgeft.device.generate import Stream, TextGenerator
 from edgeft.errors import EdgeftError
@@ -47,23 +56,67 @@ class ServeConfig:
     max_queue: int = 8
     provider: str | None = None
     threads: int | None = None
+    insecure: bool = False  # allow a non-loopback host without an API key
+    max_body_bytes: int = 1 << 20
+    max_prompt_chars: int = 64 << 10
+    request_timeout: float = 60.0  # seconds from arrival to the last token
+    trusted_key: Path | None = None  # public key the bundle must be signed by (default: env EDGEFT_TRUSTED_KEY)
 
 
 def serve(cfg: ServeConfig) -> None:
     """Load the bundle and adapters once, then serve until interrupted."""
     import uvicorn
 
-    if cfg.max_queue < 1:
-        raise EdgeftError("--max-queue must be at least 1")
-    generator = TextGenerator(cfg.bundle, cfg.provider, cfg.threads)
+    check_host(cfg.host, cfg.api_key, cfg.insecure)
+    _check_limits(cfg.max_queue, cfg.max_body_bytes, cfg.max_prompt_chars, cfg.request_timeout)
+    generator = TextGenerator(Bundle.open(cfg.bundle, trusted_key=cfg.trusted_key), cfg.provider, cfg.threads)
     base_id = base_model_id(generator)
     for name, path in cfg.adapters.items():
         # An adapter named like the base would shadow it (or replace the zero "base" LoRA).
         if name in (base_id, BASE):
             raise EdgeftError(f"--adapter {name}={path}: the name {name!r} is taken by the base model")
         generator.decoder.add_adapter(name, path)
-    app = create_app(generator, cfg.api_key, cfg.max_queue)
+    app = create_app(
+        generator,
+        cfg.api_key,
+        cfg.max_queue,
+        max_body_bytes=cfg.max_body_bytes,
+        max_prompt_chars=cfg.max_prompt_chars,
+        request_timeout=cfg.request_timeout,
+    )
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is ``localhost`` or an address in 127.0.0.0/8 or ::1."""
+    name = host.strip().removeprefix("[").removesuffix("]")
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:  # another host name, or "" (all interfaces): not provably local
+        return False
+
+
+def check_host(host: str, api_key: str | None, insecure: bool) -> None:
+    """Refuse to expose the server beyond this machine with no key, unless told to."""
+    if api_key or insecure or is_loopback(host):
+        return
+    raise EdgeftError(
+        f"--host {host!r} is not a loopback address, so other machines could use this server: "
+        "set --api-key (or EDGEFT_API_KEY) to require a key, or pass --insecure to serve without one"
+    )
+
+
+def _check_limits(max_queue: int, max_body_bytes: int, max_prompt_chars: int, request_timeout: float) -> None:
+    if max_queue < 1:
+        raise EdgeftError("--max-queue must be at least 1")
+    if max_body_bytes < 1:
+        raise EdgeftError("--max-body-bytes must be at least 1")
+    if max_prompt_chars < 1:
+        raise EdgeftError("--max-prompt-chars must be at least 1")
+    if not request_timeout > 0:
+        raise EdgeftError("--request-timeout must be more than 0 seconds")
 
 
 def base_model_id(generator: TextGenerator) -> str:
@@ -192,6 +245,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def _edgeft(_request: Request, exc: EdgeftError) -> JSONResponse:
         return ApiError(400, str(exc)).response()
 
+    @app.exception_handler(_BodyTooLarge)
+    async def _too_large(_request: Request, exc: _BodyTooLarge) -> JSONResponse:
+        return exc.error().response()
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
@@ -220,6 +277,59 @@ class ApiKeyMiddleware:
         await self.app(scope, receive, send)
 
 
+class _BodyTooLarge(HTTPException):
+    """Raised from ``receive`` when a body outgrows the limit. An HTTPException, so FastAPI passes
+    it on from its body parsing instead of turning it into "error parsing the body" (400)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is larger than {limit} bytes (--max-body-bytes)")
+
+    def error(self) -> ApiError:
+        return ApiError(413, str(self.detail), code="request_too_large")
+
+
+class BodyLimitMiddleware:
+    """413 for a body over ``max_bytes``: at once from Content-Length, else counted as a chunked
+    body arrives, so an oversized body is never held in memory whole."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:
+            await _BodyTooLarge(self.max_bytes).error().response()(scope, receive, send)
+            return
+        received = 0
+        started = False
+
+        async def counted_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge(self.max_bytes)
+            return message
+
+        async def watched_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, watched_send)
+        except _BodyTooLarge as e:
+            # Normally answered by the app's exception handler; this covers a body read elsewhere.
+            if started:
+                raise
+            await e.error().response()(scope, receive, send)
+
+
 # ---------------------------------------------------------------------------------------------
 # Generation: a single worker thread and a bounded count of waiting/running jobs.
 
@@ -233,6 +343,8 @@ class Worker:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgeft-generate")
 
     def submit(self, job: Callable[[], Any]) -> asyncio.Future:
+        """Queue ``job``; its slot is freed when the job really ends (or is cancelled before it
+        starts), not when an awaiting coroutine gives up on it."""
         if self.pending >= self.max_queue:
             raise ApiError(
                 503,
@@ -240,12 +352,19 @@ class Worker:
                 "server_error",
                 code="overloaded",
             )
+        loop = asyncio.get_running_loop()
+        done = self.executor.submit(job)
         self.pending += 1
-        future = asyncio.get_running_loop().run_in_executor(self.executor, job)
-        future.add_done_callback(self._release)  # runs on the loop when the job ends, however it ends
-        return future
+        done.add_done_callback(lambda _f: self._release_on(loop))
+        # Cancelling the returned future cancels the job only if it has not started yet.
+        return asyncio.wrap_future(done, loop=loop)
 
-    def _release(self, _future: asyncio.Future) -> None:
+    def _release_on(self, loop: asyncio.AbstractEventLoop) -> None:
+        # ``pending`` is only touched on the loop; a closed loop means the server is gone.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self._release)
+
+    def _release(self) -> None:
         self.pending -= 1
 
     def shutdown(self) -> None:
@@ -261,12 +380,35 @@ class Job:
     chat: bool
     streaming: bool
     include_usage: bool
+    timeout: float = 60.0
+    deadline: float = 0.0  # time.monotonic() by which the last token must be out
     id: str = ""
     created: int = 0
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
         self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
+        self.deadline = self.deadline or time.monotonic() + self.timeout
+        self.stream.before_step = self.check  # runs before every decoder step
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def check(self) -> None:
+        """Between two tokens (and before the first): stop if the client left or time is up."""
+        if self.cancelled.is_set():
+            raise _Cancelled
+        if self.remaining() <= 0:
+            raise _TimedOut
+
+    def timeout_error(self) -> ApiError:
+        return ApiError(
+            504,
+            f"the request took longer than {self.timeout:g} s (--request-timeout); generation was stopped",
+            "server_error",
+            code="timeout",
+        )
 
     def usage(self) -> dict[str, int]:
         s = self.stream
@@ -309,6 +451,29 @@ class Job:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
 
+class _Stop(Exception):
+    """Raised between tokens to end a generation early."""
+
+
+class _Cancelled(_Stop):
+    pass
+
+
+class _TimedOut(_Stop):
+    pass
+
+
+def _drain(stream: Stream) -> BaseException | None:
+    """Run a whole generation on the worker; the error it ended with, if any (returned, not raised,
+    so a result nobody awaits any more is not logged as "never retrieved")."""
+    try:
+        for _ in stream:
+            pass
+    except Exception as e:  # noqa: BLE001 - handed to the loop, which answers it
+        return e
+    return None
+
+
 def _sse(body: dict[str, Any]) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
@@ -319,10 +484,12 @@ _DONE = "data: [DONE]\n\n"
 class Server:
     """The routes' state: the generator, the model ids, the worker."""
 
-    def __init__(self, generator: TextGenerator, max_queue: int):
+    def __init__(self, generator: TextGenerator, max_queue: int, max_prompt_chars: int, request_timeout: float):
         self.generator = generator
         self.base_id = base_model_id(generator)
         self.worker = Worker(max_queue)
+        self.max_prompt_chars = max_prompt_chars
+        self.request_timeout = request_timeout
 
     def model_ids(self) -> list[str]:
         return [self.base_id, *(n for n in self.generator.decoder.adapters if n not in (BASE, self.base_id))]
@@ -340,66 +507,100 @@ class Server:
     async def prepare(self, req: _Sampled, prompt: str | None, messages: list[dict] | None, chat: bool) -> Job:
         """Validate and tokenize (in a thread pool, not the generation worker: a bad or long
         prompt is answered without waiting behind other generations)."""
+        deadline = time.monotonic() + self.request_timeout
         adapter = self.adapter_for(req.model)
+        self.check_prompt_chars(prompt, messages)
         ids = await run_in_threadpool(self.generator.encode, prompt, messages)
         room = self.generator.bundle.max_seq_len - len(ids)
         sampling = Sampling(req.limit(room), req.temperature, req.top_k, req.top_p, req.seed)
         # TextGenerator.stream caps max_new_tokens at the room left in the context.
         stream = self.generator.stream(ids, adapter, sampling, req.stops())
-        return Job(stream, req.model, chat, req.stream, req.include_usage())
+        return Job(stream, req.model, chat, req.stream, req.include_usage(), self.request_timeout, deadline)
+
+    def check_prompt_chars(self, prompt: str | None, messages: list[dict] | None) -> None:
+        chars = len(prompt) if prompt is not None else sum(len(m["content"]) for m in messages or [])
+        if chars > self.max_prompt_chars:
+            raise ApiError(
+                400,
+                f"the prompt has {chars} characters; this server takes at most {self.max_prompt_chars}",
+                param="messages" if prompt is None else "prompt",
+                code="prompt_too_long",
+            )
 
     async def respond(self, job: Job) -> JSONResponse | StreamingResponse:
-        if not job.streaming:
-            await self.worker.submit(lambda: list(job.stream))
-            return JSONResponse(job.body())
-        return await self._stream(job)
+        if job.streaming:
+            return await self._stream(job)
+        future = self.worker.submit(lambda: _drain(job.stream))
+        done, _ = await asyncio.wait({future}, timeout=max(job.remaining(), 0))
+        if not done:
+            job.cancelled.set()  # a running generation stops at its next token...
+            future.cancel()  # ...and a queued one never starts (its slot is freed now)
+            raise job.timeout_error()
+        error = future.result()
+        if isinstance(error, _TimedOut):
+            raise job.timeout_error()
+        if error is not None:
+            raise error
+        return JSONResponse(job.body())
 
     async def _stream(self, job: Job) -> StreamingResponse:
         """Generate on the worker, hand pieces to the loop through an asyncio queue. The first
         item is awaited before answering, so an error at prefill is still a proper HTTP error."""
         loop = asyncio.get_running_loop()
         items: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        cancelled = threading.Event()
 
         def emit(item: tuple[str, Any]) -> None:
             try:
                 loop.call_soon_threadsafe(items.put_nowait, item)
             except RuntimeError:  # the loop is gone (server shutting down)
-                cancelled.set()
+                job.cancelled.set()
 
         def produce() -> None:
             try:
                 for piece in job.stream:
-                    if cancelled.is_set():  # the client went away: stop spending device time
-                        return
                     emit(("piece", piece))
                 emit(("done", None))
+            except _Cancelled:  # the client went away: nobody to tell
+                pass
             except Exception as e:  # noqa: BLE001 - handed to the loop, which answers it
                 emit(("error", e))
 
         self.worker.submit(produce)
         try:
-            first = await items.get()
+            first = await _next_item(items, job)
         except BaseException:
-            cancelled.set()
+            job.cancelled.set()
             raise
         if first[0] == "error":
-            raise first[1]
+            raise job.timeout_error() if isinstance(first[1], _TimedOut) else first[1]
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(_events(job, first, items, cancelled), media_type="text/event-stream", headers=headers)
+        return StreamingResponse(_events(job, first, items), media_type="text/event-stream", headers=headers)
 
 
-async def _events(
-    job: Job, first: tuple[str, Any], items: asyncio.Queue, cancelled: threading.Event
-) -> AsyncIterator[str]:
+async def _next_item(items: asyncio.Queue, job: Job) -> tuple[str, Any]:
+    """The worker's next item, or a timeout error once the request's time is up."""
+    if not items.empty():
+        return items.get_nowait()
+    try:
+        return await asyncio.wait_for(items.get(), max(job.remaining(), 0))
+    except TimeoutError:
+        job.cancelled.set()  # the worker stops at its next token
+        return ("error", _TimedOut())
+
+
+async def _events(job: Job, first: tuple[str, Any], items: asyncio.Queue) -> AsyncIterator[str]:
     try:
         if job.chat:
             yield job.chunk("", role=True)  # OpenAI opens a chat stream with the role
         item = first
         while item[0] == "piece":
             yield job.chunk(item[1])
-            item = await items.get()
-        if item[0] == "error":
+            item = await _next_item(items, job)
+        if item[0] == "error" and isinstance(item[1], _TimedOut):
+            # Cut short like a length limit, then say why; OpenAI clients raise on the error event.
+            yield job.chunk(None, "length")
+            yield _sse(_error_body(job.timeout_error()))
+        elif item[0] == "error":
             # Headers are sent already; OpenAI clients raise on an "error" event.
             yield _sse(_error_body(item[1]))
         else:
@@ -408,10 +609,12 @@ async def _events(
                 yield job.usage_chunk()
         yield _DONE
     finally:
-        cancelled.set()
+        job.cancelled.set()
 
 
 def _error_body(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, ApiError):
+        return {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
     kind = "invalid_request_error" if isinstance(exc, EdgeftError) else "server_error"
     return {"error": {"message": str(exc), "type": kind, "param": None, "code": None}}
 
@@ -420,9 +623,18 @@ def _error_body(exc: BaseException) -> dict[str, Any]:
 # The app
 
 
-def create_app(generator: TextGenerator, api_key: str | None = None, max_queue: int = 8) -> FastAPI:
+def create_app(
+    generator: TextGenerator,
+    api_key: str | None = None,
+    max_queue: int = 8,
+    *,
+    max_body_bytes: int = 1 << 20,
+    max_prompt_chars: int = 64 << 10,
+    request_timeout: float = 60.0,
+) -> FastAPI:
     """The OpenAI-compatible app over ``generator`` (its decoder's adapters are the models)."""
-    server = Server(generator, max_queue)
+    _check_limits(max_queue, max_body_bytes, max_prompt_chars, request_timeout)
+    server = Server(generator, max_queue, max_prompt_chars, request_timeout)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -431,7 +643,8 @@ def create_app(generator: TextGenerator, api_key: str | None = None, max_queue: 
 
     app = FastAPI(title="edgeft", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     _install_error_handlers(app)
-    if api_key:
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    if api_key:  # added last, so outermost: checked before anything about the body
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
 
     @app.get("/health")
