@@ -24,16 +24,24 @@ SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 
 
 def peft_key(onnx_name: str) -> str:
-    """ONNX/PEFT parameter name -> PEFT state-dict key (the adapter name ``default`` is dropped)."""
-    return re.sub(r"\.(lora_[AB])\.default\.", r".\1.", onnx_name)
+    """ONNX/PEFT parameter name -> PEFT state-dict key (the adapter name ``default`` is dropped;
+    DoRA's ``….lora_magnitude_vector.default.weight`` is saved by PEFT as ``….lora_magnitude_vector``)."""
+    name = re.sub(r"\.lora_magnitude_vector\.default\.weight$", ".lora_magnitude_vector", onnx_name)
+    return re.sub(r"\.(lora_[AB])\.default\.", r".\1.", name)
+
+
+def lora_module(name: str) -> str:
+    """The LoRA module of a trainable parameter (ONNX name or PEFT key): the part before ``.lora_``,
+    e.g. ``base_model.model.model.layers.0.self_attn.q_proj``."""
+    return name.split(".lora_", 1)[0]
 
 
 def file_table(root: Path) -> dict[str, dict]:
-    """sha256 and size of every file in the bundle except the manifest itself."""
+    """sha256 and size of every file in the bundle except the manifest and its signature."""
     table = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
-        if rel != MANIFEST:
+        if rel not in (MANIFEST, MANIFEST + ".sig"):
             table[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
     return table
 
@@ -46,31 +54,47 @@ class Bundle:
     manifest: dict
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> Bundle:
+    def open(cls, path: str | os.PathLike, trusted_key: str | os.PathLike | None = None) -> Bundle:
+        """Open and check a bundle. ``trusted_key``: a public key file (default: env
+        ``EDGEFT_TRUSTED_KEY``); with one, the bundle must be signed by it and every file's sha256
+        must match the manifest (see ``edgeft/signing.py``). Without one, sizes only (cheap)."""
+        from edgeft import signing
+
         root = Path(path)
         mpath = root / MANIFEST
         if not root.is_dir():
             raise EdgeftError(f"{root}: bundle directory not found")
         if not mpath.is_file():
             raise EdgeftError(f"{mpath}: not found (is {root} an edgeft bundle?)")
+        key = signing.trusted_key_path(trusted_key)
+        # With a key, the bytes parsed are the bytes whose signature was checked.
+        raw = signing.check_signature(root, key) if key is not None else mpath.read_bytes()
         try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+            manifest = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise EdgeftError(f"{mpath}: invalid JSON ({e})") from None
         validate_manifest(manifest, mpath)
         bundle = cls(root, manifest)
         bundle.check_files()
+        if key is not None:
+            signing.check_hashes(root, manifest)
+            signing.check_unlisted(root, manifest)
+        signing.check_external_data(root, manifest)
         return bundle
 
     def path(self, rel: str) -> Path:
         return self.root / rel
 
     def check_files(self) -> None:
-        """Cheap integrity check on every open: each listed file exists with its recorded size."""
+        """Cheap integrity check on every open: each listed file exists with its recorded size,
+        inside the bundle (no symlink leading out)."""
+        inside = self.root.resolve()
         for rel, meta in self.manifest["files"].items():
             p = self.root / rel
             if not p.is_file():
                 raise EdgeftError(f"{p}: missing from the bundle (listed in {MANIFEST})")
+            if not p.resolve().is_relative_to(inside):
+                raise EdgeftError(f"{p}: a symlink leading outside the bundle (to {p.resolve()})")
             if p.stat().st_size != meta["size"]:
                 raise EdgeftError(f"{p}: size {p.stat().st_size} differs from {meta['size']} in {MANIFEST}")
 
