@@ -36,6 +36,18 @@ def _csv(_ctx, _param, value):
     return [v.strip() for v in value.split(",") if v.strip()] if value else None
 
 
+def _json_object(_ctx, param, value):
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise EdgeftError(f"{param.opts[0]}: invalid JSON ({e}); expected e.g. '{{\"q_proj\": 16}}'") from None
+    if not isinstance(parsed, dict):
+        raise EdgeftError(f"{param.opts[0]}: expected a JSON object such as '{{\"q_proj\": 16}}', got {value}")
+    return parsed
+
+
 PROFILE = click.option("--profile", help="Device profile (see `edgeft devices`): threads, providers, memory budget.")
 TRUSTED_KEY = click.option(
     "--trusted-key",
@@ -52,8 +64,24 @@ TRUSTED_KEY = click.option(
 @click.option("--lora-alpha", default=16.0, show_default=True, type=float)
 @click.option("--lora-dropout", default=0.0, show_default=True, type=float)
 @click.option("--target-modules", callback=_csv, help="Comma-separated LoRA targets (default: per model type).")
+@click.option("--rslora", "use_rslora", is_flag=True, help="Rank-stabilized LoRA (PEFT use_rslora): alpha / sqrt(r).")
+@click.option("--dora", "use_dora", is_flag=True, help="DoRA (PEFT use_dora): also train a magnitude per output row.")
+@click.option(
+    "--rank-pattern",
+    callback=_json_object,
+    help="Per-module r as JSON, PEFT's rank_pattern (keys match module name ends), e.g. '{\"q_proj\": 16}'.",
+)
+@click.option(
+    "--alpha-pattern",
+    callback=_json_object,
+    help="Per-module alpha as JSON, PEFT's alpha_pattern, e.g. '{\"v_proj\": 32}'.",
+)
 @click.option("--max-seq-len", type=int, help="Longest sample/context [default: the profile's, else 512].")
-@click.option("--init-adapter", type=PathArg, help="Start from this PEFT LoRA adapter (its r/alpha/targets win).")
+@click.option(
+    "--init-adapter",
+    type=PathArg,
+    help="Start from this PEFT LoRA adapter (its r/alpha/targets, DoRA/rsLoRA and patterns win).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
 @click.option("--sign-key", type=PathArg, help="Sign the bundle with this private key (from `edgeft keygen`).")
 @PROFILE
@@ -171,8 +199,22 @@ def merge(bundle, adapter, out, overwrite, trusted_key):
 @click.option("--max-queue", default=8, show_default=True, type=click.IntRange(min=1), help="Busy (503) beyond this.")
 @click.option("--provider", help="Execution provider, e.g. cpu or cuda (default: the best available).")
 @click.option("--threads", type=int)
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without --api-key.")
+@click.option(
+    "--max-body-bytes", default=1 << 20, show_default=True, type=click.IntRange(min=1), help="Larger bodies get 413."
+)
+@click.option(
+    "--max-prompt-chars", default=64 << 10, show_default=True, type=click.IntRange(min=1), help="Longer prompts: 400."
+)
+@click.option(
+    "--request-timeout",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds; a request still generating then is stopped (504).",
+)
 @TRUSTED_KEY
-def serve(bundle, adapter_specs, host, port, api_key, max_queue, provider, threads, trusted_key):
+def serve(bundle, adapter_specs, host, port, api_key, max_queue, provider, threads, trusted_key, **limits):
     """(device) Serve the bundle and its adapters over an OpenAI-compatible HTTP API."""
     from edgeft.device.server import ServeConfig
     from edgeft.device.server import serve as run_server
@@ -184,7 +226,9 @@ def serve(bundle, adapter_specs, host, port, api_key, max_queue, provider, threa
             raise click.BadParameter(f"{spec!r}: expected NAME=DIR, each NAME once", param_hint="--adapter")
         adapters[name] = Path(path)
     run_server(
-        ServeConfig(bundle, adapters, host, port, api_key, max_queue, provider, threads, trusted_key=trusted_key)
+        ServeConfig(
+            bundle, adapters, host, port, api_key, max_queue, provider, threads, trusted_key=trusted_key, **limits
+        )
     )
 
 

@@ -10,20 +10,25 @@ import numpy as np
 from edgeft.device.data import Batch
 
 
-def make_peft_adapter(model_dir: Path, out: Path, r=8, alpha=16, targets=None, seed=1, b_std=0.05) -> Path:
-    """A PEFT LoRA adapter made on the host, with non-zero B so it changes the model's output."""
+def make_peft_adapter(model_dir: Path, out: Path, r=8, alpha=16, targets=None, seed=1, b_std=0.05, **options) -> Path:
+    """A PEFT LoRA adapter made on the host, with non-zero B so it changes the model's output.
+
+    ``options`` go to ``LoraConfig`` (``use_dora``, ``use_rslora``, ``rank_pattern``, ...); a DoRA
+    magnitude is scaled by 1 + N(0, 0.1) per row so it differs from PEFT's initial ``||W + s B A||``."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, task_type="CAUSAL_LM")
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, task_type="CAUSAL_LM", **options)
     model = get_peft_model(base, config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * b_std)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen))
     model.save_pretrained(out)
     return out
 

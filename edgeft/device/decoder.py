@@ -1,9 +1,10 @@
 """Serving core: one ONNX Runtime session over the bundle's KV-cache decoder, many adapters.
 
-LoRA A/B are inputs of ``decoder_lora.onnx``; an adapter is a set of small arrays fed with each
-request (on CPU, ORT reads numpy inputs in place), so switching adapters never creates a session
-or re-reads base weights. Works with the
-plain ``onnxruntime`` package (>= 1.20) as well as the training build.
+LoRA A/B are inputs of ``decoder_lora.onnx``; an adapter is a set of small arrays bound to the
+session as OrtValues, so switching adapters never creates a session or re-reads base weights:
+it rebinds a few dozen small inputs. Each step runs through one IOBinding: the present key/values
+stay ORT-owned OrtValues and are bound as the next step's past without a numpy round trip. Works
+with the plain ``onnxruntime`` package (>= 1.20) as well as the training build.
 """
 
 from __future__ import annotations
@@ -80,6 +81,13 @@ class Decoder:
             str(bundle.path(graph["file"])), opts, providers=pick_providers(provider)
         )
         Decoder.sessions_created += 1
+        # Present key/values stay on the session's device between steps; logits come back to numpy.
+        self._kv_device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self._binding = self.session.io_binding()
+        self._ortvalue_class = onnxruntime().OrtValue
+        self._ortvalue_vector = onnxruntime().capi.onnxruntime_pybind11_state.OrtValueVector
+        self._bound: tuple[str, dict] | None = None  # (adapter name, its arrays) bound right now
+        self._lora_values: dict[str, tuple[dict, dict]] = {}  # name -> (arrays, OrtValues over them)
         self.lora_inputs = graph["lora_inputs"]
         self.past_names = [n for n in graph["inputs"] if n.startswith("past_key_values.")]
         self.output_names = graph["outputs"]
@@ -93,9 +101,11 @@ class Decoder:
         return heads, cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
 
     def _base_lora(self) -> dict[str, np.ndarray]:
-        # B = 0 makes every LoRA branch vanish: the base model, with no second session.
-        shapes = {p["onnx"]: p["shape"] for p in self.bundle.trainable}
-        return {n: np.zeros(shapes[n], np.float32) for n in self.lora_inputs}
+        # B = 0 (and, for DoRA, magnitude = ||W|| per row) makes every LoRA branch vanish:
+        # the base model, with no second session.
+        from edgeft.device.adapter import base_lora
+
+        return base_lora(self.bundle, self.lora_inputs)
 
     def add_adapter(self, name: str, path: str | Path) -> None:
         from edgeft.device.adapter import load_adapter
@@ -105,13 +115,60 @@ class Decoder:
         lora = load_adapter(path, self.bundle)
         self.adapters[name] = {n: lora[n] for n in self.lora_inputs}
 
-    def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray], adapter: str):
-        """One forward pass: returns (logits, present key/values)."""
-        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
-        feeds.update(zip(self.past_names, past, strict=True))
-        feeds.update(self.adapters[adapter])
-        outputs = self.session.run(self.output_names, feeds)
-        return outputs[0], outputs[1:]
+    def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list, adapter: str):
+        """One forward pass: returns (logits as numpy, present key/values as OrtValues).
+
+        ``past`` holds numpy arrays or the OrtValues a previous step returned; those are bound as
+        they are, so the KV cache is never copied into numpy and back."""
+        binding = self._binding
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        binding.bind_cpu_input("position_ids", positions)
+        for name, value in zip(self.past_names, past, strict=True):
+            if isinstance(value, np.ndarray):
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, value)
+        self._bind_adapter(adapter)
+        binding.bind_output(self.output_names[0], "cpu")
+        for name in self.output_names[1:]:
+            binding.bind_output(name, self._kv_device)
+        self.session.run_with_iobinding(binding)
+        # The binding's output slots are reused (and cleared) by later runs: copy the OrtValues
+        # (shared tensors, no data copy) into a vector of our own before handing them out.
+        outputs = self._ortvalue_vector()
+        for value in binding.get_outputs_as_ortvaluevector():
+            outputs.push_back(value)
+        ortvalue = self._ortvalue_class
+        return outputs[0].numpy(), [ortvalue(outputs[i]) for i in range(1, len(self.output_names))]
+
+    def _bind_adapter(self, adapter: str) -> None:
+        """Bind ``adapter``'s LoRA tensors unless they are bound already. Their OrtValues are made
+        once per adapter (and remade if ``self.adapters[adapter]`` is replaced)."""
+        arrays = self.adapters[adapter]
+        if self._bound is not None and self._bound[0] == adapter and self._bound[1] is arrays:
+            return
+        cached = self._lora_values.get(adapter)
+        if cached is None or cached[0] is not arrays:
+            from edgeft.device.ort import onnxruntime
+
+            ortvalue = onnxruntime().OrtValue.ortvalue_from_numpy
+            for gone in set(self._lora_values) - set(self.adapters):
+                del self._lora_values[gone]
+            values = {
+                n: ortvalue(np.ascontiguousarray(arrays[n], dtype=np.float32), self._kv_device, 0)
+                for n in self.lora_inputs
+            }
+            cached = self._lora_values[adapter] = (arrays, values)
+        for name, value in cached[1].items():
+            self._binding.bind_ortvalue_input(name, value)
+        self._bound = (adapter, arrays)
+
+    def _release(self) -> None:
+        """Drop the binding's references to the last request's inputs (its KV cache) once it ends."""
+        self._binding.clear_binding_inputs()
+        self._binding.clear_binding_outputs()
+        self._bound = None
 
     def empty_past(self, batch: int = 1) -> list[np.ndarray]:
         heads, dim = self.kv_shape
@@ -126,15 +183,18 @@ class Decoder:
         positions = np.arange(len(prompt), dtype=np.int64)[None]
         past = self.empty_past()
         total = len(prompt)
-        for _ in range(sampling.max_new_tokens):
-            logits, past = self.step(ids, np.ones((1, total), np.int64), positions, past, adapter)
-            token = sample(logits[0, -1], sampling, rng)
-            yield token
-            if token in stop_ids:
-                return
-            ids = np.array([[token]], np.int64)
-            positions = np.array([[total]], np.int64)
-            total += 1
+        try:
+            for _ in range(sampling.max_new_tokens):
+                logits, past = self.step(ids, np.ones((1, total), np.int64), positions, past, adapter)
+                token = sample(logits[0, -1], sampling, rng)
+                yield token
+                if token in stop_ids:
+                    return
+                ids = np.array([[token]], np.int64)
+                positions = np.array([[total]], np.int64)
+                total += 1
+        finally:
+            self._release()
 
 
 def sample(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:

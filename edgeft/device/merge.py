@@ -7,8 +7,11 @@ No torch, transformers, peft, optimum or onnx: the bundle's ``decoder.onnx`` (th
 decoder) is copied verbatim as ``model.onnx``. Its weights are ONNX external data pointing at
 byte ranges of ``weights.safetensors`` beside it, so the merged ``weights.safetensors`` keeps the
 bundle's header byte for byte (same keys, dtypes, shapes, offsets) and only the LoRA-targeted
-tensors' bytes change: ``W' = W + (lora_alpha / r) * B @ A`` in fp32, with the bundle's r/alpha
-(``load_adapter`` already rescales B from the adapter's own scale to the bundle's).
+tensors' bytes change: ``W' = W + s * B @ A`` in fp32, with each module's scaling ``s`` from the
+manifest (``lora.scaling``: ``alpha / r`` or rsLoRA's ``alpha / sqrt(r)``, per-module patterns;
+``load_adapter`` already rescales B from the adapter's own scaling to the bundle's). DoRA modules
+are fused as PEFT's ``merge_and_unload`` does: ``W' = m / ||W + s * B @ A||_row * (W + s * B @ A)``,
+the L2 norm taken over each output row (``dim=1`` of the ``[out, in]`` weight).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeft.bundle import Bundle
+from edgeft.bundle import Bundle, lora_module
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import fsync_dir, fsync_tree
 
@@ -39,13 +42,14 @@ class MergeConfig:
     adapter: Path
     out: Path
     overwrite: bool = False
+    trusted_key: Path | None = None  # public key the bundle must be signed by (default: env EDGEFT_TRUSTED_KEY)
 
 
 def merge(cfg: MergeConfig) -> Path:
     """Write the bundle's base model with ``cfg.adapter`` fused in to ``cfg.out``; return its path."""
-    from edgeft.device.adapter import load_adapter
+    from edgeft.device.adapter import bundle_scaling, load_adapter
 
-    bundle = Bundle.open(cfg.bundle)
+    bundle = Bundle.open(cfg.bundle, trusted_key=cfg.trusted_key)
     out = _check_out(Path(cfg.out), bundle.root, Path(cfg.adapter), cfg.overwrite)
     decoder = _decoder_graph(bundle)
     weights = bundle.path(bundle.manifest.get("weights", WEIGHTS))
@@ -57,7 +61,7 @@ def merge(cfg: MergeConfig) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         shutil.copyfile(decoder, staging / MODEL_FILE)
-        _write_fused(weights, header_bytes, header, pairs, lora, _scale(bundle), staging / WEIGHTS)
+        _write_fused(weights, header_bytes, header, pairs, lora, bundle_scaling(bundle), staging / WEIGHTS)
         _check_same_layout(staging / WEIGHTS, header_bytes, weights)
         for name in REQUIRED_FILES + OPTIONAL_FILES:
             src = bundle.path(name)
@@ -95,11 +99,6 @@ def _decoder_graph(bundle: Bundle) -> Path:
     return bundle.path(graph["file"])
 
 
-def _scale(bundle: Bundle) -> np.float32:
-    lora = bundle.manifest["lora"]
-    return np.float32(lora["lora_alpha"] / lora["r"])
-
-
 def _read_header(path: Path) -> tuple[bytes, dict]:
     """The raw header (u64 size + JSON) of a safetensors file, and the parsed JSON."""
     try:
@@ -119,8 +118,9 @@ def _read_header(path: Path) -> tuple[bytes, dict]:
     return prefix + raw, header
 
 
-def _lora_pairs(bundle: Bundle, header: dict, weights: Path) -> list[tuple[str, str, str]]:
-    """(HF key of the base weight, ONNX name of A, ONNX name of B) for each LoRA module.
+def _lora_pairs(bundle: Bundle, header: dict, weights: Path) -> list[tuple[str, str, str, str | None, str]]:
+    """(HF key of the base weight, ONNX name of A, ONNX name of B, ONNX name of the DoRA magnitude
+    or None, module) for each LoRA module.
 
     The base weight is the frozen parameter ``<module>.base_layer.weight`` of the manifest; its
     key must be a float32 tensor of weights.safetensors used by no other parameter (a tied
@@ -134,11 +134,12 @@ def _lora_pairs(bundle: Bundle, header: dict, weights: Path) -> list[tuple[str, 
     trainable = {p["onnx"]: p for p in bundle.trainable}
     pairs, seen = [], set()
     for name, p in trainable.items():
-        if ".lora_A." not in name and ".lora_B." not in name:
+        if ".lora_A." not in name and ".lora_B." not in name and ".lora_magnitude_vector." not in name:
             raise EdgeftError(
-                f"{manifest}: LoRA parameter {name} is not a lora_A/lora_B weight; merge supports only those"
+                f"{manifest}: LoRA parameter {name} is not a lora_A/lora_B/lora_magnitude_vector weight; "
+                "merge supports only those"
             )
-        if ".lora_B." in name:
+        if ".lora_A." not in name:
             continue
         module = name.split(".lora_A.")[0]
         b_name = name.replace(".lora_A.", ".lora_B.", 1)
@@ -159,26 +160,34 @@ def _lora_pairs(bundle: Bundle, header: dict, weights: Path) -> list[tuple[str, 
             )
         if users[key] > 1 or key in seen:
             raise EdgeftError(f"{weights}: tensor {key} is shared (tied) with another parameter; cannot merge into it")
+        m_name = name.replace(".lora_A.", ".lora_magnitude_vector.", 1)
+        if m_name in trainable and trainable[m_name]["shape"] != [out_dim]:
+            raise EdgeftError(f"{manifest}: DoRA magnitude of {module} has shape {trainable[m_name]['shape']}")
         seen.add(key)
-        pairs.append((key, name, b_name))
+        pairs.append((key, name, b_name, m_name if m_name in trainable else None, lora_module(p["key"])))
     return pairs
 
 
 def _write_fused(
-    src: Path, header_bytes: bytes, header: dict, pairs: list, lora: dict[str, np.ndarray], scale, dst: Path
+    src: Path, header_bytes: bytes, header: dict, pairs: list, lora: dict[str, np.ndarray], scaling: dict, dst: Path
 ) -> None:
-    """Copy ``src`` to ``dst``, then overwrite each targeted tensor's bytes with W + scale * B @ A."""
+    """Copy ``src`` to ``dst``, then overwrite each targeted tensor's bytes with W + s * B @ A
+    (DoRA: m / ||W + s * B @ A||_row * (W + s * B @ A))."""
     shutil.copyfile(src, dst)
     start = len(header_bytes)
     with open(src, "rb") as fin, open(dst, "r+b") as fout:
-        for key, a_name, b_name in pairs:
+        for key, a_name, b_name, m_name, module in pairs:
             begin, end = header[key]["data_offsets"]
             a, b = lora[a_name], lora[b_name]
-            if not b.any():
+            if not b.any() and m_name is None:
                 continue  # a module the adapter does not target: unchanged bytes
             fin.seek(start + begin)
             w = np.frombuffer(fin.read(end - begin), dtype="<f4").reshape(header[key]["shape"])
-            fused = (w + scale * (b @ a)).astype("<f4", copy=False)
+            fused = w + np.float32(scaling[module]) * (b @ a)
+            if m_name is not None:  # PEFT's DoRA merge: the norm of the unmerged W + delta, per output row
+                norm = np.linalg.norm(fused, axis=1)
+                fused = (lora[m_name] / norm)[:, None] * fused
+            fused = fused.astype("<f4", copy=False)
             if fused.nbytes != end - begin:
                 raise EdgeftError(f"{src}: tensor {key} is {end - begin} bytes, the fused one {fused.nbytes}")
             fout.seek(start + begin)

@@ -33,6 +33,7 @@ from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_write_json, fsync_tree
 from edgeft.host.decoder import export_decoders
 from edgeft.models import MODEL_TABLE, default_lora_targets
+from edgeft.signing import load_private_key, sign_bundle
 
 log = logging.getLogger(__name__)
 OPSET = 17
@@ -47,9 +48,14 @@ class ExportConfig:
     lora_alpha: float = 16
     lora_dropout: float = 0.0
     target_modules: list[str] | None = None
+    use_rslora: bool = False  # PEFT use_rslora: scaling alpha / sqrt(r)
+    use_dora: bool = False  # PEFT use_dora: trainable magnitude vector per LoRA module
+    rank_pattern: dict[str, int] | None = None  # PEFT rank_pattern: {module regex: r}
+    alpha_pattern: dict[str, float] | None = None  # PEFT alpha_pattern: {module regex: alpha}
     max_seq_len: int = 512
     init_adapter: Path | None = None
     overwrite: bool = False
+    sign_key: Path | None = None  # ed25519 private key (edgeft keygen): writes manifest.json.sig
 
 
 def export_bundle(cfg: ExportConfig) -> Path:
@@ -58,12 +64,15 @@ def export_bundle(cfg: ExportConfig) -> Path:
 
     onnxruntime()  # set ORT's log level before anything creates its environment
     t0 = time.time()
+    signer = load_private_key(cfg.sign_key) if cfg.sign_key is not None else None  # fail before the work
     hf_config = _check_inputs(cfg)
     model, lora_cfg = _load_peft_model(cfg, hf_config)
     out = Path(cfg.out).resolve()
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         _write_bundle(cfg, model, lora_cfg, hf_config, staging)
+        if signer is not None:
+            sign_bundle(staging, signer)  # over the final manifest.json, before the rename
         fsync_tree(staging)
         if out.exists():
             shutil.rmtree(out)
@@ -95,6 +104,7 @@ def _check_inputs(cfg: ExportConfig) -> dict:
         default_lora_targets(model_type)  # raises the clear unknown-type error
     if cfg.lora_r < 1 or cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1:
         raise EdgeftError("--lora-r must be >= 1, --lora-alpha > 0 and --lora-dropout in [0, 1)")
+    _check_method_options(cfg)
     if cfg.max_seq_len < 2:
         raise EdgeftError("--max-seq-len must be at least 2")
     out = Path(cfg.out)
@@ -104,6 +114,76 @@ def _check_inputs(cfg: ExportConfig) -> dict:
         raise EdgeftError(f"{out}: exists and is not a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     return hf_config
+
+
+def _check_method_options(cfg: ExportConfig) -> None:
+    from edgeft.device.adapter import check_pattern
+
+    check_pattern(cfg.rank_pattern, "--rank-pattern", integer=True)
+    check_pattern(cfg.alpha_pattern, "--alpha-pattern", integer=False)
+    if cfg.use_dora and getattr(cfg, "quantize", None):
+        raise EdgeftError("--dora cannot be combined with --quantize (DoRA needs the float base weights)")
+
+
+def _check_pattern_keys(peft_model, lora_cfg) -> None:
+    """Every rank/alpha pattern key must match a LoRA module (PEFT silently ignores the others)."""
+    from edgeft.device.adapter import pattern_value
+
+    modules = [m.removeprefix("base_model.model.") for m in lora_scaling(peft_model)]
+    targets = lora_cfg.target_modules
+    targets = targets if isinstance(targets, str) else ", ".join(sorted(targets))
+    for option, pattern in (("--rank-pattern", lora_cfg.rank_pattern), ("--alpha-pattern", lora_cfg.alpha_pattern)):
+        for key in pattern or {}:
+            if not any(pattern_value({key: 1}, m, None) for m in modules):
+                raise EdgeftError(f"{option}: key {key!r} matches no LoRA module (targets: {targets})")
+
+
+def lora_scaling(peft_model) -> dict[str, float]:
+    """Each LoRA module's effective scaling (PEFT's ``module.scaling``), by module name."""
+    out = {}
+    for name, module in peft_model.named_modules():
+        scaling = getattr(module, "scaling", None)
+        if isinstance(scaling, dict) and "default" in scaling and hasattr(module, "lora_A"):
+            out[name] = float(scaling["default"])
+    return out
+
+
+@contextlib.contextmanager
+def dora_for_onnx(stop_gradient: bool):
+    """Make PEFT's DoRA forward exportable and trainable in ONNX Runtime 1.19, values unchanged.
+
+    - The weight norm ``||W + s * B @ A||`` per output row becomes ``Sqrt(ReduceSum(x * x, axis 1))``
+      instead of ``torch.linalg.norm`` (ReduceL2): ORT 1.19's ReduceL2 gradient at opset >= 13 builds
+      an invalid Unsqueeze (no axes input) and ``generate_artifacts`` fails.
+    - PEFT detaches that norm (DoRA paper, section 4.3: no gradient through it). The ONNX export
+      drops ``detach``, and ORT would then differentiate through the norm. With ``stop_gradient``
+      the norm goes through a float -> int64 -> float round trip (scaled by 2^40, exact for any
+      norm in [2^-17, 2^23)); ORT propagates no gradient through integer tensors, so the gradient is
+      PEFT's.
+    - ``B @ A`` is a MatMul of the two weights instead of PEFT's ``lora_B(lora_A(eye(in)))``, which
+      would bake an in x in identity constant into the graph.
+    """
+    import torch
+    from peft.tuners.lora import dora
+
+    def get_weight_norm(self, weight, lora_weight, scaling, adapter_name=None):
+        if self.fan_in_fan_out:
+            weight = weight.T
+        weight = weight + scaling * lora_weight
+        norm = torch.sqrt((weight * weight).sum(dim=1))
+        if stop_gradient:
+            norm = (norm * 2.0**40).to(torch.int64).to(norm.dtype) * 2.0**-40
+        return norm
+
+    def get_lora_weight(self, lora_A, lora_B, adapter_name=None):
+        return lora_B.weight @ lora_A.weight
+
+    saved = dora.DoraLinearLayer.get_weight_norm, dora.DoraLinearLayer.get_lora_weight
+    dora.DoraLinearLayer.get_weight_norm, dora.DoraLinearLayer.get_lora_weight = get_weight_norm, get_lora_weight
+    try:
+        yield
+    finally:
+        dora.DoraLinearLayer.get_weight_norm, dora.DoraLinearLayer.get_lora_weight = saved
 
 
 def _load_peft_model(cfg: ExportConfig, hf_config: dict):
@@ -122,12 +202,18 @@ def _load_peft_model(cfg: ExportConfig, hf_config: dict):
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         target_modules=targets,
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+        rank_pattern=dict(cfg.rank_pattern or {}),
+        alpha_pattern=dict(cfg.alpha_pattern or {}),
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, lora_cfg), lora_cfg
+        peft_model = get_peft_model(model, lora_cfg)
     except ValueError as e:  # peft: target modules not found in the model
         raise EdgeftError(f"--target-modules {','.join(targets)}: {e}") from None
+    _check_pattern_keys(peft_model, lora_cfg)
+    return peft_model, lora_cfg
 
 
 def _check_init_adapter(path: Path) -> dict:
@@ -195,7 +281,7 @@ def _export_onnx(peft_model, hf_config: dict, path: Path):
     mask = torch.ones_like(ids)
     count = torch.tensor(14.0)
     dynamic_axes = {n: {0: "batch", 1: "seq"} for n in GRAPH_INPUTS[:3]}
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), dora_for_onnx(stop_gradient=True):
         warnings.simplefilter("ignore")  # tracer notes about constants and Python control flow
         torch.onnx.export(
             wrapper,
@@ -270,11 +356,13 @@ def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out:
         shutil.rmtree(work, ignore_errors=True)
     (out / "checkpoint").unlink()  # the complete checkpoint repeats every weight: keep the nominal one
     save_file({keys[n]: np.ascontiguousarray(params[n]) for n in frozen}, str(out / "weights.safetensors"))
-    decoders = export_decoders(peft_model, hf_config, keys, out, OPSET)
+    with dora_for_onnx(stop_gradient=False):
+        decoders = export_decoders(peft_model, hf_config, keys, out, OPSET)
     _write_init_adapter(peft_model, lora_cfg, {n: params[n] for n in trainable}, keys, out / "adapter")
     _copy_tokenizer(Path(cfg.model_dir), out)
     order = _parameter_order(out / "training_model.onnx", params)
     manifest = _manifest(cfg, lora_cfg, hf_config, keys, params, order, trainable, out)
+    manifest["lora"]["scaling"] = dict(sorted(lora_scaling(peft_model).items()))
     manifest["graphs"].update(decoders)
     atomic_write_json(out / MANIFEST, manifest)
 
@@ -351,6 +439,10 @@ def _manifest(cfg, lora_cfg, hf_config, keys, params, order, trainable, out: Pat
             else lora["target_modules"],
             "trainable_parameters": int(sum(params[n].size for n in trainable)),
             "init_adapter": "adapter",
+            "use_rslora": bool(lora.get("use_rslora")),
+            "use_dora": bool(lora.get("use_dora")),
+            "rank_pattern": lora.get("rank_pattern") or {},
+            "alpha_pattern": lora.get("alpha_pattern") or {},
         },
         "optimizer": {"name": "adamw", **ADAM},
         "graphs": {
