@@ -214,7 +214,8 @@ def merge(bundle, adapter, out, overwrite, trusted_key):
     help="Seconds; a request still generating then is stopped (504).",
 )
 @TRUSTED_KEY
-def serve(bundle, adapter_specs, host, port, api_key, max_queue, provider, threads, trusted_key, **limits):
+@PROFILE
+def serve(adapter_specs, **options):
     """(device) Serve the bundle and its adapters over an OpenAI-compatible HTTP API."""
     from edgeft.device.server import ServeConfig
     from edgeft.device.server import serve as run_server
@@ -225,11 +226,7 @@ def serve(bundle, adapter_specs, host, port, api_key, max_queue, provider, threa
         if not name or not path or name in adapters:
             raise click.BadParameter(f"{spec!r}: expected NAME=DIR, each NAME once", param_hint="--adapter")
         adapters[name] = Path(path)
-    run_server(
-        ServeConfig(
-            bundle, adapters, host, port, api_key, max_queue, provider, threads, trusted_key=trusted_key, **limits
-        )
-    )
+    run_server(ServeConfig(adapters=adapters, **options))
 
 
 @main.group(invoke_without_command=True)

@@ -61,15 +61,19 @@ class ServeConfig:
     max_prompt_chars: int = 64 << 10
     request_timeout: float = 60.0  # seconds from arrival to the last token
     trusted_key: Path | None = None  # public key the bundle must be signed by (default: env EDGEFT_TRUSTED_KEY)
+    profile: str | None = None  # device profile: serving providers and threads
 
 
 def serve(cfg: ServeConfig) -> None:
     """Load the bundle and adapters once, then serve until interrupted."""
     import uvicorn
 
+    from edgeft.profiles import runtime_settings
+
     check_host(cfg.host, cfg.api_key, cfg.insecure)
     _check_limits(cfg.max_queue, cfg.max_body_bytes, cfg.max_prompt_chars, cfg.request_timeout)
-    generator = TextGenerator(Bundle.open(cfg.bundle, trusted_key=cfg.trusted_key), cfg.provider, cfg.threads)
+    settings = runtime_settings(cfg.profile, "serve", cfg.threads, cfg.provider)
+    generator = TextGenerator(Bundle.open(cfg.bundle, trusted_key=cfg.trusted_key), settings.provider, settings.threads)
     base_id = base_model_id(generator)
     for name, path in cfg.adapters.items():
         # An adapter named like the base would shadow it (or replace the zero "base" LoRA).
