@@ -84,6 +84,19 @@ TRUSTED_KEY = click.option(
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
 @click.option("--sign-key", type=PathArg, help="Sign the bundle with this private key (from `edgeft keygen`).")
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8", "int4"]),
+    help="Store the frozen base weights quantized (int8 per output row; int4 block-wise). LoRA stays fp32.",
+)
+@click.option(
+    "--quant-block-size",
+    default=32,
+    show_default=True,
+    type=click.Choice(["16", "32", "64", "128", "256"]),
+    callback=lambda ctx, param, value: int(value),
+    help="Block size along the input dimension for --quantize int4.",
+)
 @PROFILE
 def export(profile, max_seq_len, **options):
     """(host) Export MODEL_DIR (a Hugging Face causal LM) to a training bundle."""

@@ -50,6 +50,12 @@ def merge(cfg: MergeConfig) -> Path:
     from edgeft.device.adapter import bundle_scaling, load_adapter
 
     bundle = Bundle.open(cfg.bundle, trusted_key=cfg.trusted_key)
+    quantization = bundle.manifest.get("quantization")
+    if quantization:
+        raise EdgeftError(
+            f"{bundle.root}: the base weights are {quantization.get('scheme')}-quantized; merge needs a float32 "
+            "bundle (export one without --quantize and merge the same adapter into it)"
+        )
     out = _check_out(Path(cfg.out), bundle.root, Path(cfg.adapter), cfg.overwrite)
     decoder = _decoder_graph(bundle)
     weights = bundle.path(bundle.manifest.get("weights", WEIGHTS))

@@ -104,7 +104,8 @@ def check_memory(bundle: Bundle, batch_size: int, seq_len: int, budget_mb: float
         hints.append(
             f"--max-seq-len {seq_len // 2} --truncate (~{plan(bundle, batch_size, seq_len // 2).train_peak_mb:.0f} MB)"
         )
-    hints.append("an int8-quantized base bundle (not available yet)")
+    if not bundle.manifest.get("quantization"):
+        hints.append("a bundle exported with --quantize int8 or int4 (base weights in 1/4 or 1/6 of the memory)")
     raise EdgeftError(
         f"training needs about {need:.0f} MB at batch {batch_size} x {seq_len} tokens but the memory budget is "
         f"{budget:.0f} MB; try {', or '.join(hints)}, or raise --memory-budget"

@@ -21,10 +21,15 @@ from pathlib import Path
 DECODER_LORA = "decoder_lora.onnx"
 DECODER = "decoder.onnx"
 WEIGHTS = "weights.safetensors"
+MATMUL_NBITS = True  # int4 decoders: MatMulNBits over the stored bytes (False: dequantize + MatMul)
+MATMUL_INTEGER = True  # int8 decoders: DynamicQuantizeLinear + MatMulInteger (False: dequantize + MatMul)
 
 
-def export_decoders(peft_model, hf_config: dict, keys: dict[str, str], out: Path, opset: int) -> dict:
-    """Write both decoder graphs into ``out`` (which already holds weights.safetensors)."""
+def export_decoders(peft_model, hf_config: dict, keys: dict[str, str], out: Path, opset: int, quant=None) -> dict:
+    """Write both decoder graphs into ``out`` (which already holds weights.safetensors).
+
+    ``quant`` (``--quantize``): {onnx name: QuantTensor}; those weights are read from their
+    quantized data and scales in weights.safetensors and dequantized in the graph."""
     import onnx
 
     ranges = safetensors_ranges(out / WEIGHTS)
@@ -34,7 +39,26 @@ def export_decoders(peft_model, hf_config: dict, keys: dict[str, str], out: Path
         _trace(peft_model, hf_config, raw, with_lora, opset)
         model = onnx.load(str(raw))
         raw.unlink()
-        lora_inputs = _rewire_parameters(model, keys, ranges)
+        if quant:
+            from edgeft.host.quantize import decoder_keys, rewrite_graph
+
+            for init in model.graph.initializer:
+                init.name = init.name.removeprefix("peft.")
+            for node in model.graph.node:
+                node.input[:] = [i.removeprefix("peft.") for i in node.input]
+            for value in model.graph.input:
+                value.name = value.name.removeprefix("peft.")
+            from edgeft.host.quantize import ensure_ms_domain
+
+            present = {i.name for i in model.graph.initializer}
+            quant_here = {n: q for n, q in quant.items() if n in present}
+            rewrite_graph(
+                model.graph, quant_here, as_inputs=False, matmul_nbits=MATMUL_NBITS, matmul_integer=MATMUL_INTEGER
+            )
+            ensure_ms_domain(model)
+            lora_inputs = _rewire_parameters(model, decoder_keys(keys, quant), ranges)
+        else:
+            lora_inputs = _rewire_parameters(model, keys, ranges)
         onnx.save(model, str(out / name))
         entries["decoder_lora" if with_lora else "decoder"] = {
             "file": name,

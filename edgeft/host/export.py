@@ -56,6 +56,8 @@ class ExportConfig:
     init_adapter: Path | None = None
     overwrite: bool = False
     sign_key: Path | None = None  # ed25519 private key (edgeft keygen): writes manifest.json.sig
+    quantize: str | None = None  # "int8" | "int4": quantized frozen base weights (edgeft/host/quantize.py)
+    quant_block_size: int = 32  # int4 block size along K (MatMulNBits layout)
 
 
 def export_bundle(cfg: ExportConfig) -> Path:
@@ -123,6 +125,13 @@ def _check_method_options(cfg: ExportConfig) -> None:
     check_pattern(cfg.alpha_pattern, "--alpha-pattern", integer=False)
     if cfg.use_dora and getattr(cfg, "quantize", None):
         raise EdgeftError("--dora cannot be combined with --quantize (DoRA needs the float base weights)")
+    if cfg.quantize is not None:
+        from edgeft.host.quantize import BLOCK_SIZES, SCHEMES
+
+        if cfg.quantize not in SCHEMES:
+            raise EdgeftError(f"--quantize must be one of {', '.join(SCHEMES)}, not {cfg.quantize!r}")
+        if cfg.quantize == "int4" and cfg.quant_block_size not in BLOCK_SIZES:
+            raise EdgeftError(f"--quant-block-size must be one of {', '.join(map(str, BLOCK_SIZES))}")
 
 
 def _check_pattern_keys(peft_model, lora_cfg) -> None:
@@ -340,6 +349,14 @@ def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out:
         frozen = [n for n in params if n not in trainable]
         if not trainable:
             raise EdgeftError("no LoRA parameters ended up in the graph (check --target-modules)")
+        quant = {}
+        if cfg.quantize:
+            # Quantized weights and scales become user inputs of both graphs (never foldable).
+            from edgeft.host.quantize import rewrite_graph, select_and_quantize
+
+            quant = select_and_quantize(proto.graph, params, frozen, keys, cfg.quantize, cfg.quant_block_size)
+            rewrite_graph(proto.graph, quant, as_inputs=True)
+            frozen = [n for n in frozen if n not in quant]
         # Frozen weights become graph inputs too: no constant folding copies them, and one
         # training session shares them between the training and the eval graph.
         with _native_stderr_to_log():
@@ -355,16 +372,68 @@ def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     (out / "checkpoint").unlink()  # the complete checkpoint repeats every weight: keep the nominal one
-    save_file({keys[n]: np.ascontiguousarray(params[n]) for n in frozen}, str(out / "weights.safetensors"))
+    if quant:  # backward re-dequantizes each weight instead of keeping the forward's float copy alive
+        import onnx
+
+        from edgeft.host.quantize import recompute_in_backward
+
+        training = onnx.load(str(out / "training_model.onnx"))
+        recompute_in_backward(training.graph, quant)
+        onnx.save(training, str(out / "training_model.onnx"))
+    tensors = {keys[n]: np.ascontiguousarray(params[n]) for n in frozen}
+    if quant:
+        from edgeft.host.quantize import tensors_for_file
+
+        tensors.update(tensors_for_file(quant))
+    save_file(tensors, str(out / "weights.safetensors"))
     with dora_for_onnx(stop_gradient=False):
-        decoders = export_decoders(peft_model, hf_config, keys, out, OPSET)
+        decoders = export_decoders(peft_model, hf_config, keys, out, OPSET, **({"quant": quant} if quant else {}))
     _write_init_adapter(peft_model, lora_cfg, {n: params[n] for n in trainable}, keys, out / "adapter")
     _copy_tokenizer(Path(cfg.model_dir), out)
     order = _parameter_order(out / "training_model.onnx", params)
     manifest = _manifest(cfg, lora_cfg, hf_config, keys, params, order, trainable, out)
     manifest["lora"]["scaling"] = dict(sorted(lora_scaling(peft_model).items()))
     manifest["graphs"].update(decoders)
+    if quant:
+        _add_quantization(manifest, cfg, quant, out)
     atomic_write_json(out / MANIFEST, manifest)
+
+
+def _add_quantization(manifest: dict, cfg: ExportConfig, quant: dict, out: Path) -> None:
+    """Manifest of a quantized bundle: top-level ``quantization``; each quantized weight is a
+    ``parameters[]`` entry with a ``quantized`` object (devices before quantization reject that
+    property in their schema check, so they refuse the bundle instead of misreading it); the
+    training/eval graph inputs list the quantized data/scales inputs the device feeds."""
+    import onnx
+
+    scheme = cfg.quantize
+    manifest["quantization"] = {"scheme": scheme, "quantized_tensors": len(quant)}
+    if scheme == "int4":
+        manifest["quantization"].update(block_size=cfg.quant_block_size, zero_point=8)
+    for qt in quant.values():
+        manifest["parameters"].append(
+            {
+                "onnx": qt.name,
+                "key": qt.key,
+                "shape": list(qt.shape),
+                "trainable": False,
+                "quantized": {
+                    "scheme": scheme,
+                    "data_input": qt.data_input,
+                    "scales_input": qt.scales_input,
+                    "scales_key": qt.scales_key,
+                },
+            }
+        )
+    params = {p["onnx"] for p in manifest["parameters"] if "quantized" not in p}
+    for graph in ("training", "eval"):
+        entry = manifest["graphs"][graph]
+        g = onnx.load(str(out / entry["file"]), load_external_data=False).graph
+        entry["inputs"] = [
+            i.name
+            for i in g.input
+            if i.name not in params and not i.name.endswith(".buffer") and i.name != "lazy_reset_grad"
+        ]
 
 
 @contextlib.contextmanager

@@ -1,0 +1,241 @@
+"""Quantized frozen base (`edgeft export --quantize int8|int4`): size, eval, training, serving, PEFT.
+
+Quantized tensors: every frozen 2-D weight (token embedding, attention/MLP projections, lm_head);
+RMSNorm weights stay float32; LoRA tensors are float32 everywhere.
+
+Tolerances (tiny random llama, CPU), from measurement:
+- weights.safetensors vs the fp32 bundle's: int8 0.27x, int4 (block 32) 0.16x (limits 0.35x / 0.25x;
+  phi3 the same).
+- eval loss of a PEFT adapter, quantized vs fp32 bundle: int8 |Δ| 0.001, int4 0.012 nats (limits
+  0.02 / 0.08); an adapter trained on the quantized bundle, evaluated on both: int8 0.002, int4
+  0.054 nats (same limits).
+- 20 AdamW steps (lr 3e-3): eval loss 6.64 -> 5.93 on both; final eval loss within 2% (relative)
+  of fp32 training (measured 0.08% int8, 0.16% int4).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import DATA
+from helpers import make_peft_adapter
+
+from edgeft.cli import main
+
+SCHEMES = ["int8", "int4"]
+SIZE_LIMIT = {"int8": 0.35, "int4": 0.25}
+EVAL_TOL = {"int8": 0.02, "int4": 0.08}
+TRAIN_GAP = 0.02
+PROMPT = "Station north ridge: pump is worn. What should the crew do?"
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _data(tmp_path, lines=32, name="data.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join((DATA / "train.jsonl").open().readlines()[:lines]))
+    return path
+
+
+def _eval(bundle, data, adapter=None) -> float:
+    args = ["eval", bundle, "--data", data] + (["--adapter", adapter] if adapter else [])
+    result = _run(*args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output.strip().splitlines()[-1])["loss"]
+
+
+@pytest.mark.parametrize("model_type", ["llama", "phi3"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantized_bundle_is_smaller(factory, scheme, model_type):
+    from safetensors import safe_open
+
+    fp32 = factory.bundle(model_type)
+    path = factory.bundle(model_type, quantize=scheme)
+    ratio = (path / "weights.safetensors").stat().st_size / (fp32 / "weights.safetensors").stat().st_size
+    assert ratio <= SIZE_LIMIT[scheme], ratio
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["quantization"]["scheme"] == scheme
+    if scheme == "int4":
+        assert manifest["quantization"]["block_size"] == 32
+    quantized = {p["key"] for p in manifest["parameters"] if "quantized" in p}
+    names = {p["onnx"] for p in manifest["parameters"] if "quantized" in p}
+    fp32_manifest = json.loads((fp32 / "manifest.json").read_text())
+    two_d = {p["key"] for p in fp32_manifest["parameters"] if not p["trainable"] and len(p["shape"]) == 2}
+    assert quantized == two_d and any("embed_tokens" in k for k in quantized) and "lm_head.weight" in quantized
+    with safe_open(str(path / "weights.safetensors"), framework="numpy") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+            arr = f.get_tensor(key)
+            if key in quantized:
+                assert arr.dtype == (np.int8 if scheme == "int8" else np.uint8)
+            else:
+                assert arr.dtype == np.float32 and (arr.ndim == 1 or key.endswith(".scales")), key
+    # No weight is inside the graphs (only small constants): nothing can be folded back to fp32 at
+    # export, and the decoders read the quantized bytes from weights.safetensors.
+    import onnx
+
+    for graph in ("training_model.onnx", "eval_model.onnx", "decoder_lora.onnx", "decoder.onnx"):
+        model = onnx.load(str(path / graph), load_external_data=False)
+        inline = [i for i in model.graph.initializer if i.data_location != onnx.TensorProto.EXTERNAL]
+        assert all(int(np.prod(i.dims)) <= 64 for i in inline), graph
+        external = [i for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
+        assert not [i.name for i in external if i.name.endswith(".weight") and "norm" not in i.name], graph
+        ops = [n.op_type for n in model.graph.node]
+        if graph.startswith("decoder"):  # linear weights: int4 MatMulNBits, int8 MatMulInteger, no float MatMul
+            assert ("MatMulNBits" in ops) == (scheme == "int4"), graph
+            assert ("MatMulInteger" in ops) == (scheme == "int8"), graph
+        if graph == "training_model.onnx":  # the backward re-dequantizes (no float copy kept alive)
+            assert any("/rq/" in n.name for n in model.graph.node)
+            produced = {o: n for n in model.graph.node for o in n.output}
+            for node in model.graph.node:
+                if node.op_type == "FusedMatMul" and "_Grad" in node.name:
+                    src = produced.get(node.input[1])
+                    assert not (src is not None and src.op_type == "Transpose" and src.input[0] in names), node.name
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_dequantization_matches_numpy(factory, scheme):
+    """The stored layout decodes (numpy reference of the graph's ops) to within a quantization step."""
+    from safetensors.numpy import load_file
+
+    from edgeft.host.quantize import dequantize
+
+    fp32 = load_file(str(factory.bundle("llama") / "weights.safetensors"))
+    quant = load_file(str(factory.bundle("llama", quantize=scheme) / "weights.safetensors"))
+    key = "model.layers.0.mlp.down_proj.weight"
+    w = fp32[key]
+    got = dequantize(quant[key], quant[key + ".scales"], w.shape[1])
+    step = quant[key + ".scales"].max()
+    assert got.shape == w.shape and np.abs(got - w).max() <= 0.5 * step + 1e-7
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_eval_loss_close_to_fp32(factory, tmp_path, scheme):
+    adapter = make_peft_adapter(factory.model("llama"), tmp_path / "peft", targets=["q_proj", "v_proj"], b_std=0.1)
+    data = _data(tmp_path, 16)
+    ref = _eval(factory.bundle("llama"), data, adapter)
+    got = _eval(factory.bundle("llama", quantize=scheme), data, adapter)
+    assert abs(got - ref) <= EVAL_TOL[scheme], (got, ref)
+
+
+def _train(bundle, data, out):
+    args = ["train", bundle, "--data", data, "--out", out, "--max-steps", 20, "--lr", 3e-3, "--no-progress"]
+    result = _run(*args)
+    assert result.exit_code == 0, result.output
+    return out / "adapter"
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_training_lowers_loss_like_fp32(factory, tmp_path, scheme):
+    data = _data(tmp_path)
+    path = factory.bundle("llama", quantize=scheme)
+    before = _eval(path, data)
+    trained = _eval(path, data, _train(path, data, tmp_path / "run"))
+    ref_path = factory.bundle("llama")
+    ref = _eval(ref_path, data, _train(ref_path, data, tmp_path / "run-fp32"))
+    assert trained < before - 0.2, (before, trained)
+    assert abs(trained - ref) / ref <= TRAIN_GAP, (trained, ref)
+
+
+def test_int4_block_size_option(factory, tmp_path):
+    path = tmp_path / "b64"
+    result = _run("export", factory.model("llama"), "--out", path, "--quantize", "int4", "--quant-block-size", 64)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["quantization"]["block_size"] == 64
+    from safetensors import safe_open
+
+    with safe_open(str(path / "weights.safetensors"), framework="numpy") as f:
+        assert f.get_slice("model.layers.0.mlp.down_proj.weight").get_shape() == [64, 2, 32]  # [N, K / 64, 32]
+    assert abs(_eval(path, _data(tmp_path, 8)) - _eval(factory.bundle("llama"), _data(tmp_path, 8))) < 0.1
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_trained_adapter_generates_and_loads_in_peft(factory, tmp_path, scheme):
+    import torch
+    from helpers import torch_peft_model
+
+    from edgeft.device.generate import GenerateConfig, generate
+
+    data = _data(tmp_path, 16)
+    path = factory.bundle("llama", quantize=scheme)
+    adapter = _train(path, data, tmp_path / "run")
+    text = generate(GenerateConfig(path, PROMPT, adapter=adapter, max_new_tokens=12), io.StringIO())
+    assert text
+    # The adapter is a plain PEFT LoRA adapter: it loads against the fp32 base, and its loss there
+    # is close to the quantized bundle's.
+    model = torch_peft_model(factory.model("llama"), adapter)
+    ids = torch.tensor([[1, 5, 9, 33, 7, 21]])
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+    assert abs(_eval(factory.bundle("llama"), data, adapter) - _eval(path, data, adapter)) <= EVAL_TOL[scheme]
+    venv = os.environ.get("EDGEFT_SERVE_VENV")
+    if venv:  # plain onnxruntime (no training build) serves the quantized bundle with the same tokens
+        plain = subprocess.run(
+            [
+                str(Path(venv) / "bin" / "edgeft"),
+                "generate",
+                str(path),
+                "--prompt",
+                PROMPT,
+                "--adapter",
+                str(adapter),
+                "--max-new-tokens",
+                "12",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert plain.returncode == 0, plain.stderr
+        assert plain.stdout == text + "\n"
+
+
+def test_option_errors(factory, tmp_path):
+    model = factory.model("llama")
+    result = _run("export", model, "--out", tmp_path / "b", "--quantize", "int3")
+    assert result.exit_code == 2 and "Invalid value for '--quantize'" in result.output
+    result = _run("export", model, "--out", tmp_path / "b", "--quantize", "int4", "--quant-block-size", 48)
+    assert result.exit_code == 2 and "Invalid value for '--quant-block-size'" in result.output
+    result = _run("export", model, "--out", tmp_path / "b", "--dora", "--quantize", "int8")
+    assert result.exit_code != 0
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "--dora" in lines[0] and "--quantize" in lines[0]
+    assert not (tmp_path / "b").exists()
+
+
+def test_devices_refuse_what_they_cannot_read(factory, tmp_path):
+    import shutil
+
+    import jsonschema
+
+    from edgeft.bundle import SCHEMA_PATH
+
+    path = factory.bundle("llama", quantize="int8")
+    manifest = json.loads((path / "manifest.json").read_text())
+    # A device from before quantization validates against the schema without `quantized`: it refuses.
+    old = json.loads(SCHEMA_PATH.read_text())
+    del old["properties"]["parameters"]["items"]["properties"]["quantized"]
+    errors = list(jsonschema.Draft202012Validator(old).iter_errors(manifest))
+    assert errors and "'quantized' was unexpected" in errors[0].message
+    # An unknown scheme is refused with one line by this device.
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    manifest["quantization"]["scheme"] = "nf4"
+    for p in manifest["parameters"]:
+        if "quantized" in p:
+            p["quantized"]["scheme"] = "nf4"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    result = _run("eval", copy, "--data", _data(tmp_path, 4))
+    assert result.exit_code != 0 and "nf4" in result.output and "not support" in result.output
+    # Merge needs float base weights.
+    result = _run("merge", path, "--adapter", path / "adapter", "--out", tmp_path / "merged")
+    assert result.exit_code != 0 and "--quantize" in result.output and not (tmp_path / "merged").exists()
