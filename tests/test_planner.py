@@ -17,7 +17,7 @@ SERVE = os.environ.get("EDGEFT_SERVE_VENV")
 pytestmark = pytest.mark.skipif(
     not (DEVICE and SERVE), reason="EDGEFT_DEVICE_VENV / EDGEFT_SERVE_VENV not set (make test sets them)"
 )
-CASES = [("tiny", 2, 64), ("demo", 4, 256), ("small", 2, 256)]
+CASES = [("tiny", 2, 64), ("demo", 4, 256), ("small", 2, 256), ("small-phi3", 4, 256)]
 SERVE_PROBE = """
 import sys
 from edgeft.device.decoder import Sampling
@@ -53,7 +53,8 @@ def _bundle(factory, size: str) -> Path:
         from edgeft.host.export import ExportConfig, export_bundle
         from edgeft.host.tiny import make_tiny_model
 
-        model = make_tiny_model("llama", factory.root / f"model-{size}", size=size)
+        shape, _, model_type = size.partition("-")
+        model = make_tiny_model(model_type or "llama", factory.root / f"model-{size}", size=shape)
         factory.cache[key] = export_bundle(ExportConfig(model, factory.root / f"bundle-{size}", max_seq_len=512))
     return factory.cache[key]
 

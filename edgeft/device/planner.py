@@ -18,6 +18,7 @@ from pathlib import Path
 
 from edgeft.bundle import Bundle
 from edgeft.errors import EdgeftError
+from edgeft.models import MODEL_TABLE
 
 MB = 1 << 20
 F32 = 4
@@ -59,6 +60,7 @@ class _Shape:
     kv_heads: int
     head_dim: int
     vocab: int
+    activation_factor: float  # per model type, edgeft/models.py
 
     @classmethod
     def of(cls, bundle: Bundle) -> _Shape:
@@ -72,6 +74,7 @@ class _Shape:
             c.get("num_key_value_heads") or heads,
             c.get("head_dim") or c["hidden_size"] // heads,
             c["vocab_size"],
+            MODEL_TABLE[c["model_type"]].train_activation_factor if c.get("model_type") in MODEL_TABLE else 1.0,
         )
 
 
@@ -81,15 +84,23 @@ def plan(bundle: Bundle, batch_size: int = 4, max_seq_len: int | None = None, ru
     seq = bundle.seq_len(max_seq_len)
     shape = _Shape.of(bundle)
     weights = sum(math.prod(p["shape"]) for p in bundle.frozen) * F32 / MB
+    fp32_weights = weights
+    quant = bundle.manifest.get("quantization")
+    if quant:  # export --quantize: stored (and mapped) quantized; SPEC section 3c
+        weights = _quantized_weights_mb(bundle, quant)
     embed = _embedding_mb(bundle)
     lora = bundle.manifest["lora"]["trainable_parameters"] * F32 / MB
     base = runtime_baseline_mb() if runtime_mb is None else runtime_mb
     act = _train_activations_mb(shape, batch_size, seq)
     lora_state = 6 * lora  # params, grads, 2 AdamW moments, numpy copies in the update
     load_peak = base + TRAIN_OVERHEAD_MB + 2 * weights + lora_state  # contiguous buffer + ORT's copy
+    if quant:  # only the float parameters go through the buffer; the quantized ones are mapped
+        load_peak = base + TRAIN_OVERHEAD_MB + weights + lora_state
     step_peak = base + TRAIN_OVERHEAD_MB + weights + lora_state + act
     kv = SERVE_KV_COPIES * 2 * shape.layers * shape.kv_heads * shape.head_dim * seq * F32 / MB
     serve_load = base + SERVE_OVERHEAD_MB + weights + SERVE_LINEAR_COPY * (weights - embed)
+    if quant and quant.get("scheme") == "int8":  # the decoder session folds int8 weights to float32
+        serve_load = base + SERVE_OVERHEAD_MB + weights + (1 + SERVE_LINEAR_COPY) * (fp32_weights - embed)
     serve = serve_load + max(_prefill_mb(shape, seq), kv)
     return Plan(max(load_peak, step_peak), serve, base, weights, lora_state, act, kv, batch_size, seq)
 
@@ -97,7 +108,7 @@ def plan(bundle: Bundle, batch_size: int = 4, max_seq_len: int | None = None, ru
 def _train_activations_mb(s: _Shape, batch: int, seq: int) -> float:
     tokens = batch * seq
     floats = (
-        TRAIN_PER_LAYER_TOKEN * tokens * s.layers * (s.hidden + s.intermediate)
+        TRAIN_PER_LAYER_TOKEN * s.activation_factor * tokens * s.layers * (s.hidden + s.intermediate)
         + TRAIN_ATTENTION * batch * s.layers * s.heads * seq * seq
         + TRAIN_VOCAB * tokens * s.vocab
     )
@@ -111,6 +122,23 @@ def _prefill_mb(s: _Shape, prompt: int) -> float:
         + SERVE_PREFILL_LAYER * prompt * (s.hidden + s.intermediate)
     )
     return floats * F32 / MB
+
+
+def _quantized_weights_mb(bundle: Bundle, quant: dict) -> float:
+    """Bytes of the frozen weights of a quantized bundle: float32 ones plus quantized data + scales."""
+    total = 0.0
+    block = quant.get("block_size") or 32
+    for p in bundle.frozen:
+        n = math.prod(p["shape"])
+        if "quantized" not in p:
+            total += n * F32
+        elif quant.get("scheme") == "int8":
+            total += n + p["shape"][0] * F32
+        else:
+            rows, cols = p["shape"][0], math.prod(p["shape"][1:])
+            blocks = math.ceil(cols / block)
+            total += rows * blocks * (block // 2 + F32)
+    return total / MB
 
 
 def _embedding_mb(bundle: Bundle) -> float:
