@@ -49,3 +49,12 @@ format: $(HOST_STAMP)
 
 clean:
 	rm -rf $(VENV) $(DEVICE_VENV) $(SERVE_VENV) demo-out .pytest_cache
+
+# Benchmarks against torch + PEFT and transformers generate (benchmarks/RESULTS.md).
+.PHONY: bench bench-quick
+bench: $(HOST_STAMP)
+	$(VENV)/bin/python benchmarks/ab.py
+	$(VENV)/bin/python benchmarks/bench.py
+
+bench-quick: $(HOST_STAMP)
+	$(VENV)/bin/python benchmarks/bench.py --quick

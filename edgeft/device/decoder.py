@@ -1,10 +1,16 @@
 """Serving core: one ONNX Runtime session over the bundle's KV-cache decoder, many adapters.
 
-LoRA A/B are inputs of ``decoder_lora.onnx``; an adapter is a set of small arrays bound to the
-session as OrtValues, so switching adapters never creates a session or re-reads base weights:
-it rebinds a few dozen small inputs. Each step runs through one IOBinding: the present key/values
-stay ORT-owned OrtValues and are bound as the next step's past without a numpy round trip. Works
-with the plain ``onnxruntime`` package (>= 1.20) as well as the training build.
+LoRA A/B are inputs of ``decoder_lora.onnx``; an adapter is a set of small arrays fed with each
+request, so switching adapters never creates a session or re-reads base weights. Works with the
+plain ``onnxruntime`` package (>= 1.20) as well as the training build.
+
+On CPU a step is one ``session.run`` with numpy feeds: ORT reads numpy inputs in place and hands
+outputs back as zero-copy numpy views, so the KV cache is never copied on its way between steps.
+On any other provider the numpy path would copy the whole cache device -> host -> device every
+token, so there a step runs through an IOBinding instead: the present key/values stay device
+OrtValues and are bound as the next past, and each adapter's LoRA tensors are uploaded once and
+rebound only when the adapter changes. (benchmarks/RESULTS.md has the CPU measurements: the
+binding path is no faster there and costs ~100 per-step binding calls.)
 """
 
 from __future__ import annotations
@@ -81,8 +87,10 @@ class Decoder:
             str(bundle.path(graph["file"])), opts, providers=pick_providers(provider)
         )
         Decoder.sessions_created += 1
-        # Present key/values stay on the session's device between steps; logits come back to numpy.
-        self._kv_device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        # Off CPU, present key/values stay on the session's device between steps (see the module doc).
+        first = self.session.get_providers()[0]
+        self._use_binding = first != "CPUExecutionProvider"
+        self._kv_device = "cuda" if first == "CUDAExecutionProvider" else "cpu"
         self._binding = self.session.io_binding()
         self._ortvalue_class = onnxruntime().OrtValue
         self._ortvalue_vector = onnxruntime().capi.onnxruntime_pybind11_state.OrtValueVector
@@ -116,10 +124,14 @@ class Decoder:
         self.adapters[name] = {n: lora[n] for n in self.lora_inputs}
 
     def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list, adapter: str):
-        """One forward pass: returns (logits as numpy, present key/values as OrtValues).
-
-        ``past`` holds numpy arrays or the OrtValues a previous step returned; those are bound as
-        they are, so the KV cache is never copied into numpy and back."""
+        """One forward pass: returns (logits as numpy, present key/values for the next ``past``):
+        numpy arrays on CPU, OrtValues on the session's device otherwise."""
+        if not self._use_binding:
+            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+            feeds.update(zip(self.past_names, past, strict=True))
+            feeds.update(self.adapters[adapter])
+            outputs = self.session.run(self.output_names, feeds)
+            return outputs[0], outputs[1:]
         binding = self._binding
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)
@@ -166,6 +178,8 @@ class Decoder:
 
     def _release(self) -> None:
         """Drop the binding's references to the last request's inputs (its KV cache) once it ends."""
+        if not self._use_binding:
+            return
         self._binding.clear_binding_inputs()
         self._binding.clear_binding_outputs()
         self._bound = None
