@@ -84,3 +84,33 @@ def first_batch(bundle: Path, data: Path, batch_size: int = 3, lines: int = 6) -
     tok = BundleTokenizer.from_dir(bundle)
     examples = load_examples(data, tok, 128)[:lines]
     return make_batches(examples, batch_size, tok.pad_token_id, seed=0, epoch=0)[0]
+
+
+def torch_reference_training(model_dir: Path, bundle: Path, data: Path, steps: int = 3, lr: float = 1e-3) -> dict:
+    """The torch + PEFT side of the training-parity tests: the same batches (edgeft's batching,
+    batch 2, gradient accumulation 2), warm-up 1 then linear decay, clipping at 1.0,
+    torch.optim.AdamW. Returns the PEFT state dict as numpy."""
+    import torch
+    from peft import get_peft_model_state_dict
+    from transformers import get_linear_schedule_with_warmup
+
+    from edgeft.device.data import load_examples, make_batches
+    from edgeft.device.tokenizer import BundleTokenizer
+
+    model = torch_peft_model(model_dir, bundle / "adapter", trainable=True)
+    params = [p for _, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=1, num_training_steps=steps)
+    tok = BundleTokenizer.from_dir(bundle)
+    examples = load_examples(data, tok, 128)
+    stream = [b for epoch in range(2 * steps) for b in make_batches(examples, 2, tok.pad_token_id, seed=0, epoch=epoch)]
+    for step in range(steps):
+        micro = stream[2 * step : 2 * step + 2]
+        denominator = sum(b.num_loss_tokens for b in micro)
+        opt.zero_grad()
+        for b in micro:
+            (torch_loss_sum(model, b) / denominator).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+    return {k: v.detach().numpy() for k, v in get_peft_model_state_dict(model).items()}

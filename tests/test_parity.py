@@ -7,7 +7,14 @@ import json
 import numpy as np
 import pytest
 from conftest import DATA, MODEL_TYPES
-from helpers import first_batch, make_peft_adapter, ort_logits, torch_loss_sum, torch_peft_model
+from helpers import (
+    first_batch,
+    make_peft_adapter,
+    ort_logits,
+    torch_loss_sum,
+    torch_peft_model,
+    torch_reference_training,
+)
 
 from edgeft.bundle import Bundle
 from edgeft.device.adapter import load_adapter
@@ -70,13 +77,8 @@ def test_training_steps_match_torch_adamw(factory, tmp_path, model_type):
     Tolerance: max |Δ| ≤ 1e-6 on LoRA weights after 3 steps at lr 1e-3 (measured: ~1e-7; one
     step moves weights by ~1e-3).
     """
-    import torch
-    from peft import get_peft_model_state_dict
     from safetensors.numpy import load_file
-    from transformers import get_linear_schedule_with_warmup
 
-    from edgeft.device.data import load_examples, make_batches
-    from edgeft.device.tokenizer import BundleTokenizer
     from edgeft.device.train import TrainConfig, train
 
     model_dir = factory.model(model_type)
@@ -91,23 +93,7 @@ def test_training_steps_match_torch_adamw(factory, tmp_path, model_type):
     train(cfg)
     got = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
 
-    model = torch_peft_model(model_dir, path / "adapter", trainable=True)
-    params = [p for n, p in model.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=1, num_training_steps=3)
-    tok = BundleTokenizer.from_dir(path)
-    examples = load_examples(data, tok, 128)
-    stream = [b for epoch in range(2) for b in make_batches(examples, 2, tok.pad_token_id, seed=0, epoch=epoch)]
-    for step in range(3):
-        micro = stream[2 * step : 2 * step + 2]
-        denominator = sum(b.num_loss_tokens for b in micro)
-        opt.zero_grad()
-        for b in micro:
-            (torch_loss_sum(model, b) / denominator).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-    ref = {k: v.detach().numpy() for k, v in get_peft_model_state_dict(model).items()}
+    ref = torch_reference_training(model_dir, path, data)
     assert set(got) == set(ref)
     start_w = load_file(str(path / "adapter" / "adapter_model.safetensors"))
     moved = max(float(np.abs(ref[k] - start_w[k]).max()) for k in ref)
