@@ -11,14 +11,13 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from edgeft.bundle import Bundle, lora_module
 from edgeft.errors import EdgeftError
-from edgeft.fsutil import atomic_write_json, fsync_dir, fsync_tree
+from edgeft.fsutil import atomic_write_json, staged_directory
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -229,28 +228,11 @@ def save_adapter(path: str | os.PathLike, bundle: Bundle, lora: dict[str, np.nda
     from safetensors.numpy import save_file
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*"):  # left by a killed writer; one writer per path
         shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with staged_directory(path) as staging:
         config = json.loads(bundle.path(bundle.manifest["lora"]["init_adapter"]).joinpath(CONFIG).read_text())
         atomic_write_json(staging / CONFIG, config)
         tensors = {p["key"]: np.ascontiguousarray(lora[p["onnx"]]) for p in bundle.trainable}
         save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
-        fsync_tree(staging)
-        _swap_in(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return path
-
-
-def _swap_in(staging: Path, path: Path) -> None:
-    """Move a finished directory into place; an older one is set aside until the new one is in."""
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(staging, path)
-    fsync_dir(path.parent)  # make both renames durable before the old copy goes
-    shutil.rmtree(old, ignore_errors=True)

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import numpy as np
 
 from edgeft.bundle import Bundle, lora_module
 from edgeft.errors import EdgeftError
-from edgeft.fsutil import fsync_dir, fsync_tree
+from edgeft.fsutil import staged_directory
 
 MODEL_FILE = "model.onnx"  # optimum's standard name: found without passing file_name
 WEIGHTS = "weights.safetensors"  # the name decoder.onnx's external data points at
@@ -63,9 +62,7 @@ def merge(cfg: MergeConfig) -> Path:
     lora = load_adapter(cfg.adapter, bundle)
     pairs = _lora_pairs(bundle, header, weights)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(out) as staging:
         shutil.copyfile(decoder, staging / MODEL_FILE)
         _write_fused(weights, header_bytes, header, pairs, lora, bundle_scaling(bundle), staging / WEIGHTS)
         _check_same_layout(staging / WEIGHTS, header_bytes, weights)
@@ -75,11 +72,6 @@ def merge(cfg: MergeConfig) -> Path:
                 shutil.copyfile(src, staging / name)
             elif name in REQUIRED_FILES:
                 raise EdgeftError(f"{src}: missing from the bundle (the merged model needs it)")
-        fsync_tree(staging)
-        _swap_in(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 
@@ -207,13 +199,3 @@ def _check_same_layout(written: Path, header_bytes: bytes, original: Path) -> No
     got, _ = _read_header(written)
     if got != header_bytes or written.stat().st_size != original.stat().st_size:
         raise EdgeftError(f"{written}: header/offsets differ from {original}; the merged model.onnx would read garbage")
-
-
-def _swap_in(staging: Path, path: Path) -> None:
-    """Move the finished directory into place; an older one is set aside until the new one is in."""
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(staging, path)
-    fsync_dir(path.parent)
-    shutil.rmtree(old, ignore_errors=True)

@@ -30,7 +30,7 @@ from edgeft.bundle import (
     peft_key,
 )
 from edgeft.errors import EdgeftError
-from edgeft.fsutil import atomic_write_json, fsync_tree
+from edgeft.fsutil import atomic_write_json, staged_directory
 from edgeft.host.decoder import export_decoders
 from edgeft.models import MODEL_TABLE, default_lora_targets
 from edgeft.signing import load_private_key, sign_bundle
@@ -70,18 +70,10 @@ def export_bundle(cfg: ExportConfig) -> Path:
     hf_config = _check_inputs(cfg)
     model, lora_cfg = _load_peft_model(cfg, hf_config)
     out = Path(cfg.out).resolve()
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_directory(out) as staging:
         _write_bundle(cfg, model, lora_cfg, hf_config, staging)
         if signer is not None:
             sign_bundle(staging, signer)  # over the final manifest.json, before the rename
-        fsync_tree(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log.info("bundle written to %s in %.1fs", out, time.time() - t0)
     return out
 
