@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import DATA
+from conftest import DATA, MODEL_TYPES
 from helpers import make_peft_adapter
 
 from edgeft.cli import main
@@ -117,13 +117,22 @@ def test_dequantization_matches_numpy(factory, scheme):
     assert got.shape == w.shape and np.abs(got - w).max() <= 0.5 * step + 1e-7
 
 
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_eval_loss_close_to_fp32(factory, tmp_path, scheme):
-    adapter = make_peft_adapter(factory.model("llama"), tmp_path / "peft", targets=["q_proj", "v_proj"], b_std=0.1)
+def test_eval_loss_close_to_fp32_and_serves(factory, tmp_path, scheme, model_type):
+    """Every supported model type: a PEFT adapter's eval loss on the quantized bundle stays within
+    the tolerance of the fp32 bundle's, and the quantized decoder generates with it."""
+    from edgeft.device.generate import GenerateConfig, generate
+
+    targets = ["qkv_proj"] if model_type == "phi3" else ["q_proj", "v_proj"]
+    adapter = make_peft_adapter(factory.model(model_type), tmp_path / "peft", targets=targets, b_std=0.1)
     data = _data(tmp_path, 16)
-    ref = _eval(factory.bundle("llama"), data, adapter)
-    got = _eval(factory.bundle("llama", quantize=scheme), data, adapter)
+    quantized = factory.bundle(model_type, quantize=scheme)
+    ref = _eval(factory.bundle(model_type), data, adapter)
+    got = _eval(quantized, data, adapter)
     assert abs(got - ref) <= EVAL_TOL[scheme], (got, ref)
+    text = generate(GenerateConfig(quantized, PROMPT, adapter=adapter, max_new_tokens=8), io.StringIO())
+    assert isinstance(text, str)
 
 
 def _train(bundle, data, out):
