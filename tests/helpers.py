@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -114,3 +119,36 @@ def torch_reference_training(model_dir: Path, bundle: Path, data: Path, steps: i
         opt.step()
         sched.step()
     return {k: v.detach().numpy() for k, v in get_peft_model_state_dict(model).items()}
+
+
+@contextlib.contextmanager
+def running(app) -> Iterator[str]:
+    """Serve an ASGI ``app`` on a free loopback port in a thread; yield its base URL; stop it after."""
+    import httpx
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, httpx)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def wait_healthy(url: str, httpx, seconds: float = 10.0) -> None:
+    for _ in range(int(seconds / 0.05)):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not come up")

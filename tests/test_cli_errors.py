@@ -567,22 +567,25 @@ def test_cli_error(build, env: Env):
     out_existed = case.out.exists() or case.out.is_symlink() if case.out is not None else False
 
     result = CliRunner().invoke(main, [str(a) for a in case.args])
+    assert_refused(result, case.expect, case.out, out_existed, watched, before)
 
+
+def assert_refused(result, expect, out, out_existed: bool, watched: list, before: dict) -> None:
+    """Exit 2, exactly one 'error: ...' line on stderr holding every ``expect`` substring, nothing
+    on stdout, ``out`` not created, and every watched path byte-for-byte as it was."""
+    tb = ""
     if result.exc_info is not None and not isinstance(result.exception, SystemExit):
         tb = "".join(traceback.format_exception(*result.exc_info))
-    else:
-        tb = ""
     assert result.exit_code == 2, f"exit {result.exit_code}\nstderr: {result.stderr!r}\n{tb}"
     lines = result.stderr.splitlines()
     assert len(lines) == 1, f"expected one line on stderr, got {result.stderr!r}"
     line = lines[0]
     assert line.startswith("error: ") and line[len("error: ") :].strip(), line
-    for needle in case.expect:
+    for needle in expect:
         assert needle in line, f"{needle!r} not in {line!r}"
     assert result.stdout == "", result.stdout
-
-    if case.out is not None and not out_existed:
-        assert not case.out.exists(), f"{case.out} was created"
+    if out is not None and not out_existed:
+        assert not out.exists(), f"{out} was created"
     after = {str(p): snapshot(p) for p in watched}
     for p in watched:
         assert after[str(p)] == before[str(p)], f"{p} changed"

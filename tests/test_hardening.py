@@ -27,14 +27,13 @@ import json
 import os
 import shutil
 import subprocess
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_cli_errors import GOOD, Env, snapshot
+from test_cli_errors import GOOD, Env, assert_refused, snapshot
 
 from edgeft.cli import main
 from edgeft.fsutil import sha256_file
@@ -682,23 +681,7 @@ def test_bad_input(build, henv: HEnv):
     out_existed = case.out is not None and (case.out.exists() or case.out.is_symlink())
 
     result = CliRunner().invoke(main, [str(a) for a in case.args], env=case.env)
-
-    tb = ""
-    if result.exc_info is not None and not isinstance(result.exception, SystemExit):
-        tb = "".join(traceback.format_exception(*result.exc_info))
-    assert result.exit_code == 2, f"exit {result.exit_code}\nstderr: {result.stderr!r}\n{tb}"
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got {result.stderr!r}"
-    line = lines[0]
-    assert line.startswith("error: ") and line[len("error: ") :].strip(), line
-    for needle in case.expect:
-        assert needle in line, f"{needle!r} not in {line!r}"
-    assert result.stdout == "", result.stdout
-    if case.out is not None and not out_existed:
-        assert not case.out.exists(), f"{case.out} was created"
-    after = {str(p): snapshot(p) for p in watched}
-    for p in watched:
-        assert after[str(p)] == before[str(p)], f"{p} changed"
+    assert_refused(result, case.expect, case.out, out_existed, watched, before)
 
 
 def test_the_table_is_big_enough():

@@ -8,12 +8,10 @@ test needs a broken body or raw bytes. Every request has a timeout and every loo
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -21,7 +19,7 @@ import openai
 import pytest
 import uvicorn
 from click.testing import CliRunner
-from helpers import make_peft_adapter
+from helpers import make_peft_adapter, running
 
 from edgeft.cli import main
 from edgeft.device.decoder import Decoder
@@ -34,36 +32,6 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 PROMPT = "Station old mill: fan is noisy. What should the crew do?"
 TOO_LONG = "the fan is noisy again " * 60  # well over the 128-token context
 TIMEOUT = 30.0
-
-
-@contextmanager
-def running(app) -> Iterator[str]:
-    """Serve ``app`` on a free port in a thread; yield its base URL; stop it afterwards."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url)
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
-def _wait_healthy(url: str) -> None:
-    for _ in range(200):  # about 10 s
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{url} did not come up")
 
 
 @pytest.fixture(scope="module")

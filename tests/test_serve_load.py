@@ -10,20 +10,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 import uvicorn
 from click.testing import CliRunner
-from helpers import make_peft_adapter
+from helpers import make_peft_adapter, running
 
 from edgeft.cli import main
 from edgeft.device.generate import TextGenerator
@@ -45,33 +43,6 @@ def _load_benchmark():
         sys.modules[name] = module  # before running it: its dataclasses look their module up
         spec.loader.exec_module(module)
     return sys.modules[name]
-
-
-@contextmanager
-def running(app) -> Iterator[str]:
-    """Serve ``app`` on a free loopback port in a thread; yield its base URL; stop it afterwards."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(200):  # about 10 s
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        else:
-            raise TimeoutError(f"{url} did not come up")
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
