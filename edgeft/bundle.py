@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -34,6 +35,37 @@ def lora_module(name: str) -> str:
     """The LoRA module of a trainable parameter (ONNX name or PEFT key): the part before ``.lora_``,
     e.g. ``base_model.model.model.layers.0.self_attn.q_proj``."""
     return name.split(".lora_", 1)[0]
+
+
+def read_safetensors_header(path: Path) -> tuple[bytes, dict]:
+    """The raw header (u64 little-endian size + JSON) of a safetensors file and the parsed JSON.
+    Tensor data offsets in it are relative to the end of those raw bytes."""
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) != 8:
+                raise ValueError("file shorter than 8 bytes")
+            (size,) = struct.unpack("<Q", prefix)
+            if size > Path(path).stat().st_size - 8:
+                raise ValueError(f"header size {size} exceeds the file")
+            raw = f.read(size)
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise EdgeftError(f"{path}: not a valid safetensors file ({e})") from None
+    return prefix + raw, header
+
+
+def safetensors_ranges(path: Path) -> dict[str, tuple[int, int]]:
+    """Absolute (offset, length) in the file of every tensor of a safetensors file: what ONNX
+    external data needs to point at it."""
+    raw, header = read_safetensors_header(path)
+    return {
+        k: (len(raw) + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
+        for k, v in header.items()
+        if k != "__metadata__"
+    }
 
 
 def file_table(root: Path) -> dict[str, dict]:

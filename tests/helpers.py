@@ -152,3 +152,27 @@ def wait_healthy(url: str, httpx, seconds: float = 10.0) -> None:
             pass
         time.sleep(0.05)
     raise TimeoutError(f"{url} did not come up")
+
+
+def assert_openai_error(response, status: int) -> dict:
+    """``response`` has ``status`` and OpenAI's JSON error shape; returns the error object."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    return error
+
+
+def edgeft_training(bundle: Path, data: Path, out: Path) -> dict:
+    """edgeft's side of the training-parity tests, with the settings torch_reference_training uses:
+    3 steps, lr 1e-3, warm-up 1, batch 2, gradient accumulation 2. Returns the trained adapter."""
+    from safetensors.numpy import load_file
+
+    from edgeft.device.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        bundle, data, out, max_steps=3, lr=1e-3, warmup_steps=1, batch_size=2, grad_accum=2, progress=False
+    )
+    train(cfg)
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))

@@ -18,7 +18,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import DATA, MODEL_TYPES
-from helpers import make_peft_adapter, ort_logits, torch_loss_sum, torch_peft_model, torch_reference_training
+from helpers import (
+    edgeft_training,
+    make_peft_adapter,
+    ort_logits,
+    torch_loss_sum,
+    torch_peft_model,
+    torch_reference_training,
+)
 
 from edgeft.bundle import Bundle
 from edgeft.cli import main
@@ -114,8 +121,6 @@ def test_training_steps_match_torch_adamw_and_round_trip(factory, tmp_path, meth
     import torch
     from safetensors.numpy import load_file
 
-    from edgeft.device.train import TrainConfig, train
-
     model_dir = factory.model(model_type)
     start = _adapter(factory, tmp_path, method, model_type, name="start")
     path = factory.bundle(model_type, init_adapter=start)
@@ -123,11 +128,7 @@ def test_training_steps_match_torch_adamw_and_round_trip(factory, tmp_path, meth
     assert manifest["lora"]["use_dora"] is (method == "dora")
     assert manifest["lora"]["lora_alpha"] == 24  # the adapter's config won
     data = _data(tmp_path)
-    cfg = TrainConfig(
-        path, data, tmp_path / "run", max_steps=3, lr=1e-3, warmup_steps=1, batch_size=2, grad_accum=2, progress=False
-    )
-    train(cfg)
-    got = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    got = edgeft_training(path, data, tmp_path / "run")
 
     ref = torch_reference_training(model_dir, path, data)
     assert set(got) == set(ref)

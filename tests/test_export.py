@@ -84,7 +84,7 @@ def test_base_weights_stored_once(factory, model_type):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edgeft.host.decoder import safetensors_ranges
+    from edgeft.bundle import safetensors_ranges
 
     path = factory.bundle(model_type)
     ranges = set(safetensors_ranges(path / "weights.safetensors").values())

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import DATA, MODEL_TYPES
 from helpers import (
+    edgeft_training,
     first_batch,
     make_peft_adapter,
     ort_logits,
@@ -79,19 +80,13 @@ def test_training_steps_match_torch_adamw(factory, tmp_path, model_type):
     """
     from safetensors.numpy import load_file
 
-    from edgeft.device.train import TrainConfig, train
-
     model_dir = factory.model(model_type)
     targets = ["qkv_proj", "o_proj"] if model_type == "phi3" else ["q_proj", "v_proj"]
     start = make_peft_adapter(model_dir, tmp_path / "start", targets=targets)
     path = factory.bundle(model_type, init_adapter=start)
     data = tmp_path / "data.jsonl"
     data.write_text("".join(line for line in (DATA / "train.jsonl").open().readlines()[:6]))
-    cfg = TrainConfig(
-        path, data, tmp_path / "run", max_steps=3, lr=1e-3, warmup_steps=1, batch_size=2, grad_accum=2, progress=False
-    )
-    train(cfg)
-    got = load_file(str(tmp_path / "run" / "adapter" / "adapter_model.safetensors"))
+    got = edgeft_training(path, data, tmp_path / "run")
 
     ref = torch_reference_training(model_dir, path, data)
     assert set(got) == set(ref)

@@ -19,7 +19,7 @@ import openai
 import pytest
 import uvicorn
 from click.testing import CliRunner
-from helpers import make_peft_adapter, running
+from helpers import assert_openai_error, make_peft_adapter, running
 
 from edgeft.cli import main
 from edgeft.device.decoder import Decoder
@@ -67,15 +67,6 @@ def client(server) -> openai.OpenAI:
 
 def _auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {KEY}"}
-
-
-def _assert_openai_error(response: httpx.Response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert isinstance(error["message"], str) and error["message"]
-    return error
 
 
 def _completion_args(base_id: str) -> dict:
@@ -217,7 +208,7 @@ def test_bad_request_gets_openai_error_and_server_keeps_serving(server, client, 
         )
     else:
         response = httpx.post(url, json=body, headers=_auth(), timeout=TIMEOUT)
-    error = _assert_openai_error(response, status)
+    error = assert_openai_error(response, status)
     if case.startswith("unknown model"):
         assert error["code"] == "model_not_found" and error["param"] == "model"
     if case.startswith("max_tokens"):
@@ -238,11 +229,11 @@ def test_openai_client_raises_its_usual_errors(client, base_id):
 
 def test_api_key_is_required(server, base_id):
     assert httpx.get(f"{server}/health", timeout=TIMEOUT).status_code == 200  # exempt
-    _assert_openai_error(httpx.get(f"{server}/v1/models", timeout=TIMEOUT), 401)
+    assert_openai_error(httpx.get(f"{server}/v1/models", timeout=TIMEOUT), 401)
     wrong = {"Authorization": "Bearer nope"}
-    _assert_openai_error(httpx.get(f"{server}/v1/models", headers=wrong, timeout=TIMEOUT), 401)
+    assert_openai_error(httpx.get(f"{server}/v1/models", headers=wrong, timeout=TIMEOUT), 401)
     # Checked before the body is even parsed.
-    _assert_openai_error(httpx.post(f"{server}/v1/completions", content="{", timeout=TIMEOUT), 401)
+    assert_openai_error(httpx.post(f"{server}/v1/completions", content="{", timeout=TIMEOUT), 401)
     stranger = openai.OpenAI(base_url=f"{server}/v1", api_key="nope", max_retries=0, timeout=TIMEOUT)
     with pytest.raises(openai.AuthenticationError):
         stranger.completions.create(**_completion_args(base_id))
@@ -276,7 +267,7 @@ def test_full_queue_answers_503_and_loop_stays_responsive(generator, base_id, mo
         responses = [f.result() for f in futures]
         assert sorted(r.status_code for r in responses) == [200, 503, 503]
         busy = next(r for r in responses if r.status_code == 503)
-        assert _assert_openai_error(busy, 503)["type"] == "server_error"
+        assert assert_openai_error(busy, 503)["type"] == "server_error"
         # The slot is released once the generation ends: the next request is served.
         assert httpx.post(f"{url}/v1/completions", json=body, timeout=TIMEOUT).status_code == 200
 

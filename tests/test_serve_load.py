@@ -21,7 +21,7 @@ import httpx
 import pytest
 import uvicorn
 from click.testing import CliRunner
-from helpers import make_peft_adapter, running
+from helpers import assert_openai_error, make_peft_adapter, running
 
 from edgeft.cli import main
 from edgeft.device.generate import TextGenerator
@@ -77,15 +77,6 @@ def steps(generator, monkeypatch) -> list[float]:
 
     monkeypatch.setattr(generator.decoder, "step", slow_step)
     return calls
-
-
-def _assert_openai_error(response: httpx.Response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert isinstance(error["message"], str) and error["message"]
-    return error
 
 
 def _wait_served(url: str, body: dict) -> httpx.Response:
@@ -153,9 +144,9 @@ def test_serve_binds_loopback_by_default_and_passes_limits(factory, adapters, mo
     with running(captured["app"]) as url:
         model = httpx.get(f"{url}/v1/models", timeout=TIMEOUT).json()["data"][0]["id"]
         long = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "x" * 21}, timeout=TIMEOUT)
-        _assert_openai_error(long, 400)
+        assert_openai_error(long, 400)
         big = httpx.post(f"{url}/v1/completions", json={"model": model, "prompt": "x" * 400}, timeout=TIMEOUT)
-        _assert_openai_error(big, 413)
+        assert_openai_error(big, 413)
 
 
 def test_serve_with_insecure_binds_the_given_host(factory, monkeypatch):
@@ -187,11 +178,11 @@ def limited(generator) -> Iterator[str]:
 
 def test_body_over_the_limit_by_content_length_is_413(limited, base_id):
     body = {"model": base_id, "prompt": "x" * 5000, "max_tokens": 1}
-    error = _assert_openai_error(httpx.post(f"{limited}/v1/completions", json=body, timeout=TIMEOUT), 413)
+    error = assert_openai_error(httpx.post(f"{limited}/v1/completions", json=body, timeout=TIMEOUT), 413)
     assert error["code"] == "request_too_large" and "4096" in error["message"]
     # Judged from the header alone: a huge declared body is refused without being read.
     huge = httpx.post(f"{limited}/v1/chat/completions", content=b"{" * (8 << 20), timeout=TIMEOUT)
-    _assert_openai_error(huge, 413)
+    assert_openai_error(huge, 413)
 
 
 def test_chunked_body_over_the_limit_is_413(limited, base_id):
@@ -207,7 +198,7 @@ def test_chunked_body_over_the_limit_is_413(limited, base_id):
     )
     assert "content-length" not in response.request.headers
     assert response.request.headers["transfer-encoding"] == "chunked"
-    assert _assert_openai_error(response, 413)["code"] == "request_too_large"
+    assert assert_openai_error(response, 413)["code"] == "request_too_large"
 
 
 def test_chunked_body_under_the_limit_is_served(limited, base_id):
@@ -227,22 +218,22 @@ def test_prompt_over_max_chars_is_400(limited, base_id):
     ok = httpx.post(f"{url}/completions", json={"model": base_id, "prompt": fits, "max_tokens": 1}, timeout=TIMEOUT)
     assert ok.status_code == 200, ok.text  # exactly 200 characters
     long = {"model": base_id, "prompt": fits + "c"}
-    error = _assert_openai_error(httpx.post(f"{url}/completions", json=long, timeout=TIMEOUT), 400)
+    error = assert_openai_error(httpx.post(f"{url}/completions", json=long, timeout=TIMEOUT), 400)
     assert error["code"] == "prompt_too_long" and error["param"] == "prompt" and "201" in error["message"]
     # Chat counts every message's text.
     messages = [{"role": "system", "content": "s" * 150}, {"role": "user", "content": "u" * 51}]
     chat = httpx.post(f"{url}/chat/completions", json={"model": base_id, "messages": messages}, timeout=TIMEOUT)
-    assert _assert_openai_error(chat, 400)["param"] == "messages"
+    assert assert_openai_error(chat, 400)["param"] == "messages"
     streamed = httpx.post(f"{url}/completions", json={**long, "stream": True}, timeout=TIMEOUT)
-    _assert_openai_error(streamed, 400)
+    assert_openai_error(streamed, 400)
 
 
 def test_api_key_is_checked_before_the_body_size(generator, base_id):
     with running(create_app(generator, api_key="k", max_body_bytes=100)) as url:
         big = {"model": base_id, "prompt": "x" * 500}
-        _assert_openai_error(httpx.post(f"{url}/v1/completions", json=big, timeout=TIMEOUT), 401)
+        assert_openai_error(httpx.post(f"{url}/v1/completions", json=big, timeout=TIMEOUT), 401)
         keyed = httpx.post(f"{url}/v1/completions", json=big, headers={"Authorization": "Bearer k"}, timeout=TIMEOUT)
-        _assert_openai_error(keyed, 413)
+        assert_openai_error(keyed, 413)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +246,7 @@ def test_timeout_stops_a_non_streaming_generation_with_504(generator, base_id, s
         start = time.monotonic()
         response = httpx.post(f"{url}/v1/completions", json=body, timeout=TIMEOUT)
         elapsed = time.monotonic() - start
-        error = _assert_openai_error(response, 504)
+        error = assert_openai_error(response, 504)
         assert error["code"] == "timeout" and error["type"] == "server_error"
         assert 0.5 <= elapsed < 2.0
         # The worker stopped between two tokens (100 steps would take 5 s) and freed the only slot.
@@ -316,8 +307,8 @@ def test_request_timing_out_in_the_queue_is_answered_on_time_and_never_runs(gene
             stream_body = {**body, "stream": True}
             queued = pool.submit(httpx.post, f"{url}/v1/completions", json=stream_body, timeout=TIMEOUT)
             # Both are answered at their deadline although the worker is still stuck in a step.
-            assert _assert_openai_error(first.result(5), 504)["code"] == "timeout"
-            assert _assert_openai_error(queued.result(5), 504)["code"] == "timeout"
+            assert assert_openai_error(first.result(5), 504)["code"] == "timeout"
+            assert assert_openai_error(queued.result(5), 504)["code"] == "timeout"
             assert not gate.is_set() and len(calls) == 1
         finally:
             gate.set()

@@ -16,16 +16,14 @@ the L2 norm taken over each output row (``dim=1`` of the ``[out, in]`` weight).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from edgeft.bundle import Bundle, lora_module
+from edgeft.bundle import Bundle, lora_module, read_safetensors_header
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import staged_directory
 
@@ -58,7 +56,7 @@ def merge(cfg: MergeConfig) -> Path:
     out = _check_out(Path(cfg.out), bundle.root, Path(cfg.adapter), cfg.overwrite)
     decoder = _decoder_graph(bundle)
     weights = bundle.path(bundle.manifest.get("weights", WEIGHTS))
-    header_bytes, header = _read_header(weights)
+    header_bytes, header = read_safetensors_header(weights)
     lora = load_adapter(cfg.adapter, bundle)
     pairs = _lora_pairs(bundle, header, weights)
 
@@ -95,25 +93,6 @@ def _decoder_graph(bundle: Bundle) -> Path:
     if graph.get("lora_inputs"):
         raise EdgeftError(f"{bundle.path(graph['file'])}: the decoder graph has LoRA inputs; it cannot be merged into")
     return bundle.path(graph["file"])
-
-
-def _read_header(path: Path) -> tuple[bytes, dict]:
-    """The raw header (u64 size + JSON) of a safetensors file, and the parsed JSON."""
-    try:
-        with open(path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) != 8:
-                raise ValueError("file shorter than 8 bytes")
-            (size,) = struct.unpack("<Q", prefix)
-            if size > path.stat().st_size - 8:
-                raise ValueError(f"header size {size} exceeds the file")
-            raw = f.read(size)
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise EdgeftError(f"{path}: not a valid safetensors file ({e})") from None
-    return prefix + raw, header
 
 
 def _lora_pairs(bundle: Bundle, header: dict, weights: Path) -> list[tuple[str, str, str, str | None, str]]:
@@ -196,6 +175,6 @@ def _write_fused(
 
 def _check_same_layout(written: Path, header_bytes: bytes, original: Path) -> None:
     """model.onnx addresses tensors by absolute byte offset: the header must be identical."""
-    got, _ = _read_header(written)
+    got, _ = read_safetensors_header(written)
     if got != header_bytes or written.stat().st_size != original.stat().st_size:
         raise EdgeftError(f"{written}: header/offsets differ from {original}; the merged model.onnx would read garbage")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgeft.bundle import GRAPH_INPUTS, Bundle
+from edgeft.bundle import GRAPH_INPUTS, Bundle, read_safetensors_header
 from edgeft.device.data import Batch
 from edgeft.device.ort import session_options, training_api
 from edgeft.errors import EdgeftError
@@ -153,12 +153,7 @@ def quantized_inputs(bundle: Bundle, device: str = "cpu") -> dict:
 
 def safetensors_memmap(path) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors file as a read-only ``np.memmap`` (no copy into anonymous memory)."""
-    import json
-    import struct
-
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
+    raw, header = read_safetensors_header(path)
     out = {}
     for key, entry in header.items():
         if key == "__metadata__" or entry.get("dtype") not in _ST_DTYPES:
@@ -168,5 +163,5 @@ def safetensors_memmap(path) -> dict[str, np.ndarray]:
         if end == begin:
             out[key] = np.zeros(shape, _ST_DTYPES[entry["dtype"]])
             continue
-        out[key] = np.memmap(path, _ST_DTYPES[entry["dtype"]], mode="r", offset=8 + size + begin, shape=shape)
+        out[key] = np.memmap(path, _ST_DTYPES[entry["dtype"]], mode="r", offset=len(raw) + begin, shape=shape)
     return out

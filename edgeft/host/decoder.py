@@ -13,10 +13,10 @@ Base weights are not copied: each weight initializer points (ONNX external data)
 
 from __future__ import annotations
 
-import json
-import struct
 import warnings
 from pathlib import Path
+
+from edgeft.bundle import safetensors_ranges
 
 DECODER_LORA = "decoder_lora.onnx"
 DECODER = "decoder.onnx"
@@ -67,20 +67,6 @@ def export_decoders(peft_model, hf_config: dict, keys: dict[str, str], out: Path
             "lora_inputs": lora_inputs,
         }
     return entries
-
-
-def safetensors_ranges(path: Path) -> dict[str, tuple[int, int]]:
-    """Absolute (offset, length) of every tensor in a safetensors file (format: u64 header size,
-    JSON header with data_offsets relative to the end of the header)."""
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    start = 8 + size
-    return {
-        k: (start + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
-        for k, v in header.items()
-        if k != "__metadata__"
-    }
 
 
 def decoder_module(peft_model, hf_config: dict):
