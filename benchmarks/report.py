@@ -36,14 +36,15 @@ LIMITS = {
     ),
     "train_rss_ratio": (
         "The fp32 weights (650 MB) plus the onnxruntime library (~300 MB) are already ~half of "
-        "torch's whole peak; on top, ORT's static memory plan keeps every activation the backward "
-        "needs (incl. full-vocab logits, their log-softmax and the logits-slice gradient) in one "
-        "arena. Loading a nominal checkpoint also needs one staging buffer with every parameter "
-        "(ORT copies it into its own tensors): 2× the weights at load."
+        "torch's whole peak; on top, ORT keeps every tensor the exported backward reads: per layer the "
+        "fused qkv / gate_up outputs and their split copies, rotary intermediates and the batch × heads "
+        "× seq² softmax (torch's sdpa keeps none of the seq² part): the planner's fit is ~9.9 floats per "
+        "token, layer and (hidden + intermediate) width. ORT 1.19's training API offers no recompute for these graphs. (Logits exist for "
+        "labelled rows only, see the optimisation table.)"
     ),
     "train_flop_efficiency": (
         "~20 % of the step is not matmul (softmax cross-entropy over 32064 classes in fp32, "
-        "SliceGrad, elementwise and layer-norm kernels), and MLAS re-packs each weight per call "
+        "Split/Slice gradients, elementwise and layer-norm kernels), and MLAS re-packs each weight per call "
         "(training sessions disable pre-packing) — memory-bound work the 4 × params × tokens "
         "count leaves out."
     ),

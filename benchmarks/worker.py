@@ -330,6 +330,14 @@ KINDS = {
 }
 
 
+def _apply(opts, overrides: dict):
+    """Set SessionOptions attributes; ints for enum attributes (execution_order) become the enum."""
+    for key, value in overrides.items():
+        current = getattr(opts, key)
+        setattr(opts, key, value if isinstance(current, (bool, int, float, str)) else type(current)(value))
+    return opts
+
+
 def _session_option_overrides() -> None:
     """ab.py's hook: EDGEFT_BENCH_ORT_OPTIONS='{"enable_cpu_mem_arena": false}' sets those
     SessionOptions attributes on every session edgeft creates in this worker."""
@@ -342,20 +350,14 @@ def _session_option_overrides() -> None:
     original = edgeft_ort.session_options
 
     def patched(threads=None, deterministic=True):
-        opts = original(threads, deterministic)
-        for key, value in overrides.items():
-            setattr(opts, key, value)
-        return opts
+        return _apply(original(threads, deterministic), overrides)
 
     edgeft_ort.session_options = runtime.session_options = patched
     training_options = getattr(runtime, "_training_options", None)
     if training_options is not None:  # the Module's own options, applied after edgeft's choices
 
         def patched_training(threads=None):
-            opts = training_options(threads)
-            for key, value in overrides.items():
-                setattr(opts, key, value)
-            return opts
+            return _apply(training_options(threads), overrides)
 
         runtime._training_options = patched_training
 

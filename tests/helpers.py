@@ -59,8 +59,14 @@ def torch_loss_sum(model, batch: Batch):
     )
 
 
+def scored_positions(batch: Batch) -> np.ndarray:
+    """Where the graph computes logits: position t has a label for token t + 1 (row order)."""
+    shifted = np.concatenate([batch.labels[:, 1:], np.full_like(batch.labels[:, :1], -100)], axis=1)
+    return shifted != -100
+
+
 def ort_logits(bundle: Path, lora: dict[str, np.ndarray], batch: Batch) -> np.ndarray:
-    """Logits from the bundle's eval graph, exposing the lm_head output as an extra graph output."""
+    """Logits from the bundle's eval graph (lm_head output as an extra graph output): labelled rows only."""
     import onnx
     import onnxruntime as ort
     from safetensors.numpy import load_file

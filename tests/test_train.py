@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 from conftest import DATA
-from helpers import first_batch, ort_logits, torch_loss_sum, torch_peft_model
+from helpers import first_batch, ort_logits, scored_positions, torch_loss_sum, torch_peft_model
 
 from edgeft.bundle import Bundle
 from edgeft.device.adapter import load_adapter
@@ -117,8 +117,8 @@ def test_trained_adapter_loads_in_peft_with_equal_logits(factory, tmp_path):
         ids, mask = torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask)
         ref_logits = model(input_ids=ids, attention_mask=mask).logits.numpy()
         ref_loss = torch_loss_sum(model, batch).item()
-    real = batch.attention_mask.astype(bool)
-    np.testing.assert_allclose(ort_logits(path, lora, batch)[real], ref_logits[real], atol=1e-4, rtol=1e-4)
+    scored = scored_positions(batch)
+    np.testing.assert_allclose(ort_logits(path, lora, batch), ref_logits[scored], atol=1e-4, rtol=1e-4)
     from edgeft.device.runtime import LoraModel
 
     assert LoraModel(Bundle.open(path), lora).loss(batch, 1.0) == pytest.approx(ref_loss, rel=1e-5)

@@ -244,15 +244,17 @@ def loss_module(peft_model, sliding_window: int | None = None):
             mask = _additive_mask(attention_mask, sliding_window)
             seq = input_ids.shape[1]
             pos = torch.arange(seq, dtype=torch.long).unsqueeze(0).expand(input_ids.shape[0], seq)
-            logits = self.peft(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
-            vocab = logits.shape[-1]
-            # Labels are shifted here, inside the graph: position t predicts token t + 1.
-            ce = torch.nn.functional.cross_entropy(
-                logits[:, :-1, :].reshape(-1, vocab).float(),
-                labels[:, 1:].reshape(-1),
-                ignore_index=-100,
-                reduction="sum",
-            )
+            causal_lm = self.peft.base_model.model
+            hidden = causal_lm.model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=False)
+            hidden = hidden.last_hidden_state
+            # Position t predicts token t + 1. Only positions with a label reach lm_head, so the
+            # full-vocabulary logits (and their gradients) exist for loss tokens only: no logits
+            # for prompts, padding or the last position, and no Slice/SliceGrad over vocab-wide tensors.
+            targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1).reshape(-1)
+            keep = (targets != -100).nonzero().squeeze(1)
+            rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
+            logits = causal_lm.lm_head(rows).float()
+            ce = torch.nn.functional.cross_entropy(logits, targets.index_select(0, keep), reduction="sum")
             return ce / num_loss_tokens
 
     return LossModel()
