@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import pytest
 from conftest import MODEL_TYPES
 from helpers import make_peft_adapter, torch_peft_model
@@ -69,6 +70,27 @@ def test_adapters_switch_without_new_session(factory, tmp_path):
     for name in ("a", BASE, "b", "a", "b", BASE):
         assert _run(shared, name) == expected[name]
     assert Decoder.sessions_created == before
+
+
+def test_decoder_lora_returns_last_position_logits(factory, tmp_path):
+    """decoder_lora.onnx: [1, 1, vocab] on a prefill, equal to PEFT's last-position logits;
+    decoder.onnx (handed to optimum by merge) keeps one row per position."""
+    import onnx
+    import torch
+
+    path = factory.bundle("phi3")
+    adapter = _adapter(factory, tmp_path, "phi3")
+    gen = TextGenerator(path)
+    gen.decoder.add_adapter("a", adapter)
+    ids = np.array([gen.encode(PROMPT)], np.int64)
+    n = ids.shape[1]
+    logits, _ = gen.decoder.step(ids, np.ones_like(ids), np.arange(n)[None], gen.decoder.empty_past(), "a")
+    with torch.no_grad():
+        ref = torch_peft_model(factory.model("phi3"), adapter)(input_ids=torch.from_numpy(ids)).logits.numpy()
+    assert n > 4 and logits.shape == (1, 1, ref.shape[-1])
+    np.testing.assert_allclose(logits[:, -1], ref[:, -1], atol=1e-4, rtol=0)
+    full = onnx.load(str(path / "decoder.onnx"), load_external_data=False).graph.output[0]
+    assert full.type.tensor_type.shape.dim[1].dim_param == "sequence_length"
 
 
 def _run(gen: TextGenerator, name: str) -> list[int]:

@@ -117,7 +117,7 @@ def _train_activations_mb(s: _Shape, batch: int, seq: int) -> float:
 
 def _prefill_mb(s: _Shape, prompt: int) -> float:
     floats = (
-        SERVE_PREFILL_VOCAB * prompt * s.vocab
+        SERVE_PREFILL_VOCAB * s.vocab  # decoder_lora.onnx computes the last position's logits only
         + SERVE_PREFILL_ATTENTION * s.heads * prompt * prompt
         + SERVE_PREFILL_LAYER * prompt * (s.hidden + s.intermediate)
     )

@@ -69,8 +69,11 @@ def export_decoders(peft_model, hf_config: dict, keys: dict[str, str], out: Path
     return entries
 
 
-def decoder_module(peft_model, hf_config: dict):
-    """torch module: (input_ids, attention_mask, position_ids, *past) -> (logits, *present)."""
+def decoder_module(peft_model, hf_config: dict, last_logits: bool = False):
+    """torch module: (input_ids, attention_mask, position_ids, *past) -> (logits, *present).
+
+    ``last_logits``: logits of the last position only (``[batch, 1, vocab]``), all a generator reads;
+    a prefill then skips lm_head over the rest of the prompt (transformers' ``logits_to_keep=1``)."""
     import torch
     from transformers import DynamicCache
 
@@ -92,6 +95,8 @@ def decoder_module(peft_model, hf_config: dict):
                 past_key_values=cache,
                 use_cache=True,
             )
+            if last_logits:
+                kwargs["logits_to_keep"] = 1
             out = self.peft(**kwargs)
             present = [t for layer in out.past_key_values.to_legacy_cache() for t in layer]
             return (out.logits, *present)
@@ -133,11 +138,13 @@ def _trace(peft_model, hf_config: dict, path: Path, with_lora: bool, opset: int)
         "input_ids": {0: "batch_size", 1: "sequence_length"},
         "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
         "position_ids": {0: "batch_size", 1: "sequence_length"},
-        "logits": {0: "batch_size", 1: "sequence_length"},
+        "logits": {0: "batch_size"} if with_lora else {0: "batch_size", 1: "sequence_length"},
     }
     dynamic.update({n: {0: "batch_size", 2: "past_sequence_length"} for n in past_names})
     dynamic.update({n: {0: "batch_size", 2: "total_sequence_length"} for n in present_names})
-    module = decoder_module(peft_model, hf_config).eval()
+    # edgeft's own decoder (with LoRA inputs) returns the last position's logits; the adapter-free
+    # decoder.onnx keeps every position's, since `edgeft merge` hands it to optimum users as is.
+    module = decoder_module(peft_model, hf_config, last_logits=with_lora).eval()
     adapters = contextlib.nullcontext() if with_lora else peft_model.disable_adapter()
     with torch.no_grad(), adapters, warnings.catch_warnings():
         warnings.simplefilter("ignore")
