@@ -30,17 +30,22 @@ LIMITS = {
     "train_time_ratio": (
         "Both sides do the same matmuls (4 × params × tokens) with kernels of about the same speed on "
         "this CPU (ORT MLAS, torch MKL: see the kernel peaks), and ~80 % of edgeft's step is those "
-        "matmuls (FusedMatMul). 0.5× would need torch to spend half its step outside matmuls, which it "
-        "does not on an idle machine; getting there takes fewer or cheaper FLOPs (bf16 / int8 frozen "
-        "weights — this CPU has AVX512-BF16/VNNI), i.e. a bundle-format change, not runtime tuning."
+        "matmuls (FusedMatMul, Gemm). 0.5× would need torch to spend half its step outside matmuls, which "
+        "it does not on an idle machine; getting there takes fewer or cheaper FLOPs (bf16 / int8 frozen "
+        "weights — this CPU has AVX512-BF16/VNNI — but ORT 1.19 has no bf16 CPU kernels and no gradient "
+        "for its integer matmuls). From seq 768 the exported attention (explicit QKᵀ, softmax, PV over "
+        "batch × heads × seq²) costs more than torch's fused sdpa kernel; ORT 1.19 has no attention op "
+        "with a gradient."
     ),
     "train_rss_ratio": (
         "The fp32 weights (650 MB) plus the onnxruntime library (~300 MB) are already ~half of "
-        "torch's whole peak; on top, ORT keeps every tensor the exported backward reads: per layer the "
-        "fused qkv / gate_up outputs and their split copies, rotary intermediates and the batch × heads "
-        "× seq² softmax (torch's sdpa keeps none of the seq² part): the planner's fit is ~9.9 floats per "
-        "token, layer and (hidden + intermediate) width. ORT 1.19's training API offers no recompute for these graphs. (Logits exist for "
-        "labelled rows only, see the optimisation table.)"
+        "torch's whole peak at seq 128. Above that, ORT's activation memory grows about twice as fast "
+        "with the sequence as torch's (per layer the batch × heads × seq² attention probabilities, the "
+        "fused qkv / gate_up outputs and their split copies; torch's sdpa keeps no seq² tensor), and "
+        "the peak falls in the first third of the backward under every execution order ORT offers; "
+        "two graph rewrites that let forward tensors die earlier did not move it (optimisation table). "
+        "ORT 1.19's training API has no recompute for these graphs. Quantized bases remove most of the "
+        "weights' share (last section)."
     ),
     "train_flop_efficiency": (
         "~20 % of the step is not matmul (softmax cross-entropy over 32064 classes in fp32, "
