@@ -97,3 +97,22 @@ def test_training_steps_match_torch_adamw(factory, tmp_path, model_type):
     assert moved > 1e-3  # training really changed the weights
     diff = max(float(np.abs(got[k] - ref[k]).max()) for k in ref)
     assert diff <= 1e-6, f"max |ORT - torch| = {diff}"
+
+
+def test_lora_dropout_active_in_training_only(factory, tmp_path):
+    """--lora-dropout: the eval graph runs PEFT's eval mode (deterministic, equal to torch);
+    the training graph drops LoRA inputs at random, so two identical training passes differ."""
+    import torch
+
+    model_dir, path = factory.model("llama"), factory.bundle("llama", lora_dropout=0.3)
+    adapter = make_peft_adapter(model_dir, tmp_path / "peft", b_std=0.3)
+    batch = first_batch(path, DATA / "train.jsonl")
+    bundle = Bundle.open(path)
+    model = LoraModel(bundle, load_adapter(adapter, bundle))
+    evals = [model.loss(batch, 1.0) for _ in range(2)]
+    with torch.no_grad():
+        ref = torch_loss_sum(torch_peft_model(model_dir, adapter), batch).item()
+    assert evals[0] == evals[1] == pytest.approx(ref, rel=1e-5)
+    trains = [model.forward_backward(batch, 1.0) for _ in range(2)]
+    assert trains[0] != trains[1] and all(abs(t - ref) > 1e-4 * ref for t in trains)
+    assert json.loads((path / "manifest.json").read_text())["lora"]["lora_dropout"] == 0.3
