@@ -27,7 +27,7 @@ F32 = 4
 TRAIN_OVERHEAD_MB = 33.0  # two sessions (training + eval graph), kernels, arena slack
 TRAIN_PER_LAYER_TOKEN = 9.92  # x T * layers * (hidden + intermediate) floats saved for backward
 TRAIN_ATTENTION = 1.12  # x batch * layers * heads * seq^2 floats (scores, softmax, grads)
-TRAIN_VOCAB = 4.24  # x T * vocab floats (logits, log-softmax, their gradients)
+TRAIN_VOCAB = 4.24  # x T * vocab floats (logits etc.; exist for labelled rows only: T is the upper bound)
 # Serving (decoder session): transposed copies of linear weights are folded at session start.
 SERVE_OVERHEAD_MB = 19.0
 SERVE_LINEAR_COPY = 0.4
