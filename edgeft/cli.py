@@ -86,8 +86,9 @@ TRUSTED_KEY = click.option(
 @click.option("--sign-key", type=PathArg, help="Sign the bundle with this private key (from `edgeft keygen`).")
 @click.option(
     "--quantize",
-    type=click.Choice(["int8", "int4"]),
-    help="Store the frozen base weights quantized (int8 per output row; int4 block-wise). LoRA stays fp32.",
+    type=click.Choice(["none", "int8", "int4"]),
+    help="Store the frozen base weights quantized (int8 per output row; int4 block-wise). LoRA stays fp32. "
+    "[default: the profile's defaults.quantization, else none]",
 )
 @click.option(
     "--quant-block-size",
@@ -98,14 +99,17 @@ TRUSTED_KEY = click.option(
     help="Block size along the input dimension for --quantize int4.",
 )
 @PROFILE
-def export(profile, max_seq_len, **options):
+def export(profile, max_seq_len, quantize, **options):
     """(host) Export MODEL_DIR (a Hugging Face causal LM) to a training bundle."""
     from edgeft.host.export import ExportConfig, export_bundle
     from edgeft.profiles import load_profile
 
+    defaults = load_profile(profile).defaults if profile else None
     if max_seq_len is None:
-        max_seq_len = load_profile(profile).defaults.max_seq_len if profile else 512
-    click.echo(f"bundle: {export_bundle(ExportConfig(max_seq_len=max_seq_len, **options))}")
+        max_seq_len = defaults.max_seq_len if defaults else 512
+    quantize = quantize or (defaults.quantization if defaults else "none")
+    cfg = ExportConfig(max_seq_len=max_seq_len, quantize=None if quantize == "none" else quantize, **options)
+    click.echo(f"bundle: {export_bundle(cfg)}")
 
 
 @main.command()

@@ -129,6 +129,22 @@ def test_a_valid_custom_profile_loads(tmp_path):
     assert p.name == "bad" and p.ram_budget_mb == 1024 and p.install_train is None
 
 
+def test_export_takes_length_and_quantization_from_the_profile(factory, tmp_path):
+    """`export --profile`: defaults.max_seq_len and defaults.quantization apply unless the options
+    say otherwise (`--quantize none` gives an fp32 base on an int8 profile)."""
+    data = _good()
+    data["defaults"] = {"max_seq_len": 64, "quantization": "int8"}
+    profile = _write(tmp_path, data)
+    model = factory.model("llama")
+    for extra, scheme, length in (([], "int8", 64), (["--quantize", "none", "--max-seq-len", "96"], None, 96)):
+        out = tmp_path / f"bundle-{length}"
+        result = CliRunner().invoke(main, ["export", str(model), "--out", str(out), "--profile", str(profile), *extra])
+        assert result.exit_code == 0, result.output
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest.get("quantization", {}).get("scheme") == scheme
+        assert manifest["max_seq_len"] == length
+
+
 def _edit(data: dict, dotted: str, new) -> dict:
     *parents, key = dotted.split(".")
     table = data
