@@ -2,41 +2,43 @@
 PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 DEVICE_VENV := .venv-device
+OLD_DEVICE_VENV := .venv-device-ort120
 HOST_STAMP := $(VENV)/.installed
 DEVICE_STAMP := $(DEVICE_VENV)/.installed
-SERVE_VENV := .venv-serve
-SERVE_STAMP := $(SERVE_VENV)/.installed
+OLD_DEVICE_STAMP := $(OLD_DEVICE_VENV)/.installed
 PIP_FLAGS := --quiet --disable-pip-version-check
 
-.PHONY: demo test lint format clean venv device-venv serve-venv
+.PHONY: demo test lint format clean venv device-venv old-device-venv
 
 venv: $(HOST_STAMP)
 device-venv: $(DEVICE_STAMP)
-serve-venv: $(SERVE_STAMP)
+old-device-venv: $(OLD_DEVICE_STAMP)
 
-# Host environment: torch, transformers, peft, optimum, onnx + the device stack + dev tools.
+# Host environment: torch, transformers, peft, optimum, onnx, the onnxruntime training build (it
+# builds gradient graphs and runs every graph the device runs) + dev tools.
 $(HOST_STAMP): setup.cfg pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/pip install $(PIP_FLAGS) -e ".[host,dev]"
 	@touch $@
 
-# Device environment: only the `device` extra. The tests run edgeft here to prove it needs no torch.
+# Device environment: only the `device` extra (the newest plain onnxruntime). The tests run edgeft
+# here to prove the device side needs neither torch nor the training build.
 $(DEVICE_STAMP): setup.cfg pyproject.toml
 	$(PY) -m venv $(DEVICE_VENV)
 	$(DEVICE_VENV)/bin/pip install $(PIP_FLAGS) -e ".[device]"
 	@touch $@
 
-# Serving-only environment: plain onnxruntime (>= 1.20), no training build, no torch.
-$(SERVE_STAMP): setup.cfg pyproject.toml
-	$(PY) -m venv $(SERVE_VENV)
-	$(SERVE_VENV)/bin/pip install $(PIP_FLAGS) -e ".[serve]"
+# The oldest onnxruntime the device supports: the tests compare it with the newest.
+$(OLD_DEVICE_STAMP): setup.cfg pyproject.toml
+	$(PY) -m venv $(OLD_DEVICE_VENV)
+	$(OLD_DEVICE_VENV)/bin/pip install $(PIP_FLAGS) -e ".[device]" "onnxruntime==1.20.*"
 	@touch $@
 
 demo: $(HOST_STAMP)
 	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash examples/quickstart.sh
 
-test: $(HOST_STAMP) $(DEVICE_STAMP) $(SERVE_STAMP)
-	EDGEFT_DEVICE_VENV="$(CURDIR)/$(DEVICE_VENV)" EDGEFT_SERVE_VENV="$(CURDIR)/$(SERVE_VENV)" \
+test: $(HOST_STAMP) $(DEVICE_STAMP) $(OLD_DEVICE_STAMP)
+	EDGEFT_DEVICE_VENV="$(CURDIR)/$(DEVICE_VENV)" EDGEFT_OLD_DEVICE_VENV="$(CURDIR)/$(OLD_DEVICE_VENV)" \
 		$(VENV)/bin/python -m pytest -q
 
 lint: $(HOST_STAMP)
@@ -48,7 +50,7 @@ format: $(HOST_STAMP)
 	$(VENV)/bin/ruff check --fix edgeft tests examples
 
 clean:
-	rm -rf $(VENV) $(DEVICE_VENV) $(SERVE_VENV) demo-out .pytest_cache
+	rm -rf $(VENV) $(DEVICE_VENV) $(OLD_DEVICE_VENV) demo-out .pytest_cache
 
 # Benchmarks against torch + PEFT and transformers generate (benchmarks/RESULTS.md).
 .PHONY: bench bench-quick

@@ -17,10 +17,11 @@ from pathlib import Path
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import sha256_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 GRAPH_INPUTS = ("input_ids", "attention_mask", "labels", "num_loss_tokens")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+QUANT_SCHEMES = ("int8", "int4")  # export --quantize (edgeft/host/quantize.py)
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 
 
@@ -159,6 +160,11 @@ def validate_manifest(manifest: dict, where: Path) -> None:
             f"{where}: bundle format_version {version} is newer than this edgeft supports "
             f"({FORMAT_VERSION}); upgrade edgeft on this device"
         )
+    if isinstance(version, int) and 1 <= version < FORMAT_VERSION:
+        raise EdgeftError(
+            f"{where}: bundle format_version {version} was written for the onnxruntime-training engine; "
+            f"re-export it with this edgeft (edgeft export MODEL_DIR --out BUNDLE) to get format {FORMAT_VERSION}"
+        )
     import jsonschema
 
     schema = json.loads(SCHEMA_PATH.read_text())
@@ -167,3 +173,11 @@ def validate_manifest(manifest: dict, where: Path) -> None:
         err = errors[0]
         field = "/".join(str(p) for p in err.path) or "(top level)"
         raise EdgeftError(f"{where}: field {field}: {err.message}")
+    schemes = {p["quantized"]["scheme"] for p in manifest["parameters"] if "quantized" in p}
+    schemes |= {manifest["quantization"]["scheme"]} if "quantization" in manifest else set()
+    unknown = sorted(schemes - set(QUANT_SCHEMES))
+    if unknown:
+        raise EdgeftError(
+            f"{where}: the base weights are quantized as {unknown[0]!r}, which this edgeft does not support "
+            f"({', '.join(QUANT_SCHEMES)}); upgrade edgeft on this device"
+        )

@@ -334,6 +334,6 @@ def runtime_settings(
 
 
 def _available_providers() -> list[str]:
-    from edgeft.device.ort import onnxruntime
+    from edgeft.device.session import onnxruntime
 
     return onnxruntime().get_available_providers()

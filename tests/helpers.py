@@ -69,15 +69,12 @@ def ort_logits(bundle: Path, lora: dict[str, np.ndarray], batch: Batch) -> np.nd
     """Logits from the bundle's eval graph (lm_head output as an extra graph output): labelled rows only."""
     import onnx
     import onnxruntime as ort
-    from safetensors.numpy import load_file
 
     model = onnx.load(str(bundle / "eval_model.onnx"))
     head = [n for n in model.graph.node if n.op_type == "MatMul" and "lm_head" in n.name][-1]
     model.graph.output.append(onnx.helper.make_tensor_value_info(head.output[0], onnx.TensorProto.FLOAT, None))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    weights = load_file(str(bundle / "weights.safetensors"))
-    feeds = {p["onnx"]: lora[p["onnx"]] if p["trainable"] else weights[p["key"]] for p in manifest["parameters"]}
+    feeds = {i.name: lora[i.name] for i in session.get_inputs() if i.name in lora}
     feeds.update(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -182,3 +179,38 @@ def edgeft_training(bundle: Path, data: Path, out: Path) -> dict:
     )
     train(cfg)
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def torch_model_like_bundle(model_dir: Path, bundle: Path, adapter: Path):
+    """torch + PEFT with ``adapter``, trainable, on the bundle's base: for a quantized bundle the
+    frozen weights are replaced by their dequantized values, which is what the bundle computes with."""
+    import torch
+    from safetensors.numpy import load_file
+
+    from edgeft.host.quantize import dequantize
+
+    model = torch_peft_model(model_dir, adapter, trainable=True)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    quantized = [p for p in manifest["parameters"] if "quantized" in p]
+    if quantized:
+        stored = load_file(str(bundle / "weights.safetensors"))
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for p in quantized:
+                w = dequantize(stored[p["key"]], stored[p["quantized"]["scales_key"]], p["shape"][1])
+                params[p["onnx"]].copy_(torch.from_numpy(w))
+    return model
+
+
+def torch_lora_grads(model, batch: Batch, denominator: float) -> tuple[float, dict[str, np.ndarray]]:
+    """Loss (summed cross-entropy / denominator) and ``.grad`` of every trainable tensor, by PEFT name."""
+    model.zero_grad()
+    loss = torch_loss_sum(model, batch) / denominator
+    loss.backward()
+    grads = {n: p.grad.numpy().copy() for n, p in model.named_parameters() if p.requires_grad}
+    return float(loss.item()), grads
+
+
+def max_relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    """max |got - want| over the tensor, relative to max |want| (the tensor's scale)."""
+    return float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-30))

@@ -344,10 +344,16 @@ def train_max_seq_len_above_bundle(env: Env) -> Case:
     return Case(args, ["--max-seq-len", "128"], out)
 
 
-def train_bundle_format_v2(env: Env) -> Case:
-    bundle = env.edit_manifest(lambda m: m.update(format_version=2))
+def train_bundle_format_newer(env: Env) -> Case:
+    bundle = env.edit_manifest(lambda m: m.update(format_version=3))
     args, out = _train(env, env.good_data(), bundle=bundle)
-    return Case(args, ["manifest.json", "format_version 2", "newer", "upgrade"], out)
+    return Case(args, ["manifest.json", "format_version 3", "newer", "upgrade"], out)
+
+
+def train_bundle_format_1(env: Env) -> Case:
+    bundle = env.edit_manifest(lambda m: m.update(format_version=1))
+    args, out = _train(env, env.good_data(), bundle=bundle)
+    return Case(args, ["manifest.json", "format_version 1", "re-export"], out)
 
 
 def train_bundle_missing(env: Env) -> Case:
@@ -423,9 +429,9 @@ def eval_adapter_rank_zero(env: Env) -> Case:
     return Case(_eval(env, "--adapter", adapter), ["adapter_config.json"])
 
 
-def eval_bundle_format_v2(env: Env) -> Case:
-    bundle = env.edit_manifest(lambda m: m.update(format_version=2))
-    return Case(_eval(env, bundle=bundle), ["manifest.json", "format_version 2", "newer", "upgrade"])
+def eval_bundle_format_newer(env: Env) -> Case:
+    bundle = env.edit_manifest(lambda m: m.update(format_version=3))
+    return Case(_eval(env, bundle=bundle), ["manifest.json", "format_version 3", "newer", "upgrade"])
 
 
 def eval_bundle_manifest_deleted(env: Env) -> Case:
@@ -459,7 +465,7 @@ def eval_bundle_manifest_bad_nested_field(env: Env) -> Case:
 
 def eval_bundle_manifest_invalid_json(env: Env) -> Case:
     bundle = env.copy_bundle()
-    (bundle / "manifest.json").write_text('{"format_version": 1, "files": {')
+    (bundle / "manifest.json").write_text('{"format_version": 2, "files": {')
     return Case(_eval(env, bundle=bundle), [str(bundle / "manifest.json"), "invalid JSON"])
 
 
@@ -525,7 +531,8 @@ CASES = [
     pytest.param(train_max_steps_and_epochs, id="train-max-steps-and-epochs"),
     pytest.param(train_batch_size_zero, id="train-batch-size-zero"),
     pytest.param(train_max_seq_len_above_bundle, id="train-max-seq-len-above-bundle"),
-    pytest.param(train_bundle_format_v2, id="train-bundle-format-v2"),
+    pytest.param(train_bundle_format_newer, id="train-bundle-format-newer"),
+    pytest.param(train_bundle_format_1, id="train-bundle-format-1"),
     pytest.param(train_bundle_missing, id="train-bundle-missing"),
     # eval
     pytest.param(eval_max_seq_len_above_bundle, id="eval-max-seq-len-above-bundle"),
@@ -540,7 +547,7 @@ CASES = [
         eval_adapter_rank_zero,
         id="eval-adapter-rank-zero",
     ),
-    pytest.param(eval_bundle_format_v2, id="eval-bundle-format-v2"),
+    pytest.param(eval_bundle_format_newer, id="eval-bundle-format-newer"),
     pytest.param(eval_bundle_manifest_deleted, id="eval-bundle-manifest-deleted"),
     pytest.param(eval_bundle_file_truncated, id="eval-bundle-file-truncated"),
     pytest.param(eval_bundle_file_missing, id="eval-bundle-file-missing"),

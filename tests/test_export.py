@@ -18,7 +18,6 @@ BUNDLE_FILES = {
     "eval_model.onnx",
     "decoder_lora.onnx",
     "decoder.onnx",
-    "nominal_checkpoint",
     "weights.safetensors",
     "adapter/adapter_config.json",
     "adapter/adapter_model.safetensors",
@@ -33,12 +32,16 @@ def test_bundle_file_set_and_manifest(llama_bundle):
     files = {p.relative_to(llama_bundle).as_posix() for p in llama_bundle.rglob("*") if p.is_file()}
     assert files == BUNDLE_FILES
     manifest = json.loads((llama_bundle / "manifest.json").read_text())
-    assert manifest["format_version"] == 1 and manifest["model_type"] == "llama"
+    assert manifest["format_version"] == 2 and manifest["model_type"] == "llama"
     assert manifest["max_seq_len"] == 128
     assert manifest["lora"]["r"] == 8 and manifest["lora"]["lora_alpha"] == 16
     assert manifest["lora"]["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
-    assert manifest["graphs"]["training"]["inputs"] == ["input_ids", "attention_mask", "labels", "num_loss_tokens"]
-    assert manifest["graphs"]["training"]["outputs"] == ["loss"]
+    trainable = [p["onnx"] for p in manifest["parameters"] if p["trainable"]]
+    data = ["input_ids", "attention_mask", "labels", "num_loss_tokens"]
+    training, evaluation = manifest["graphs"]["training"], manifest["graphs"]["eval"]
+    assert training["inputs"] == evaluation["inputs"] == data + trainable  # frozen weights are not inputs
+    assert training["gradients"] == {n: f"{n}_grad" for n in trainable}
+    assert training["outputs"] == ["loss", *training["gradients"].values()] and evaluation["outputs"] == ["loss"]
     assert set(manifest["files"]) == BUNDLE_FILES - {"manifest.json"}
     for rel, meta in manifest["files"].items():
         assert meta == {"sha256": sha256_file(llama_bundle / rel), "size": (llama_bundle / rel).stat().st_size}
@@ -77,34 +80,42 @@ def test_trainable_count_equals_peft(factory, model_type):
     assert sum(int(np.prod(p["shape"])) for p in bundle.trainable) == trainable
 
 
+INLINE_LIMIT = 32  # elements: small constants (rotary inv_freq is 8 here) but no weight (norms have 64)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 def test_base_weights_stored_once(factory, model_type):
-    """Graph files hold no weight tensors; weights.safetensors holds each base weight once."""
+    """No graph holds a weight (initializers or Constant nodes above a few dozen elements); every
+    external tensor is a byte range of weights.safetensors, which holds each frozen weight exactly
+    once (tied embeddings once) and nothing else."""
     import onnx
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edgeft.bundle import safetensors_ranges
+    from edgeft.bundle import read_safetensors_header, safetensors_ranges
 
     path = factory.bundle(model_type)
-    ranges = set(safetensors_ranges(path / "weights.safetensors").values())
+    ranges = safetensors_ranges(path / "weights.safetensors")
     for graph in ("training_model.onnx", "eval_model.onnx", "decoder_lora.onnx", "decoder.onnx"):
         model = onnx.load(str(path / graph), load_external_data=False)
         inline = [
-            i.name
-            for i in model.graph.initializer
-            if i.data_location != onnx.TensorProto.EXTERNAL and np.prod(i.dims) > 4096
+            (i.name, list(i.dims)) for i in model.graph.initializer if i.data_location != onnx.TensorProto.EXTERNAL
         ]
-        assert inline == [], f"{graph} embeds weight tensors {inline[:3]}"
-        for init in model.graph.initializer:
-            if init.data_location == onnx.TensorProto.EXTERNAL:  # decoders: byte ranges of weights.safetensors
-                ext = {e.key: e.value for e in init.external_data}
-                assert ext["location"] == "weights.safetensors"
-                assert (int(ext["offset"]), int(ext["length"])) in ranges
+        inline += [(n.name, list(a.t.dims)) for n in model.graph.node for a in n.attribute if a.name == "value"]
+        big = [(name, dims) for name, dims in inline if np.prod(dims) > INLINE_LIMIT]
+        assert big == [], f"{graph} embeds tensors {big[:3]}"
+        external = [i for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
+        assert external, graph
+        for init in external:
+            ext = {e.key: e.value for e in init.external_data}
+            assert ext["location"] == "weights.safetensors"
+            assert (int(ext["offset"]), int(ext["length"])) in set(ranges.values())
+            assert int(ext["length"]) == 4 * int(np.prod(init.dims))
     model = AutoModelForCausalLM.from_pretrained(factory.model(model_type), dtype=torch.float32)
-    fp32_bytes = sum(p.numel() * 4 for p in model.parameters())  # tied weights counted once
-    weights = (path / "weights.safetensors").stat().st_size
-    assert fp32_bytes <= weights <= fp32_bytes * 1.01 + 16384
+    frozen = {n.replace(".base_layer.", "."): p for n, p in model.named_parameters()}  # tied weights once
+    raw, header = read_safetensors_header(path / "weights.safetensors")
+    assert set(header) - {"__metadata__"} == set(frozen)
+    assert (path / "weights.safetensors").stat().st_size == len(raw) + sum(4 * p.numel() for p in frozen.values())
 
 
 def test_init_adapter_config_wins(factory, tmp_path):

@@ -394,8 +394,10 @@ def manifest_weights_absolute(env: HEnv) -> Case:
     return _manifest_case(env, lambda m: m.update(weights="/tmp/weights.safetensors"), ["field weights"])
 
 
-def manifest_checkpoint_dotdot(env: HEnv) -> Case:
-    return _manifest_case(env, lambda m: m.update(checkpoint="adapter/../../ckpt"), ["field checkpoint"])
+def manifest_gradient_map_not_strings(env: HEnv) -> Case:
+    return _manifest_case(
+        env, lambda m: m["graphs"]["training"].update(gradients={"x": 3}), ["field graphs/training/gradients/x"]
+    )
 
 
 def manifest_graph_file_dotdot(env: HEnv) -> Case:
@@ -616,7 +618,7 @@ CASES = [
     manifest_files_backslash,
     manifest_weights_dotdot,
     manifest_weights_absolute,
-    manifest_checkpoint_dotdot,
+    manifest_gradient_map_not_strings,
     manifest_graph_file_dotdot,
     manifest_decoder_file_absolute,
     manifest_init_adapter_dotdot,
@@ -802,9 +804,9 @@ def test_ort_external_data_behaviour(tmp_path):
     assert onnxruntime.__version__.startswith("1.19")
     found = _probe_ort(str(tmp_path))  # this venv: the training build
     assert all(v == "loaded [1.0]" for v in found.values()), found
-    venv = os.environ.get("EDGEFT_SERVE_VENV")
+    venv = os.environ.get("EDGEFT_DEVICE_VENV")
     if not venv:
-        pytest.skip("EDGEFT_SERVE_VENV not set (make test sets it)")
+        pytest.skip("EDGEFT_DEVICE_VENV not set (make test sets it)")
     script = f"import json, sys\n{inspect.getsource(_probe_ort)}\nprint(json.dumps(_probe_ort(sys.argv[1])))"
     python = str(Path(venv) / "bin" / "python")
     run = subprocess.run([python, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)

@@ -1,5 +1,5 @@
 """Memory planner vs reality: estimates within ±20 % of the measured peak RSS of real training
-and serving runs at three sizes, each measured in its own process in the torch-free venvs."""
+and serving runs at four sizes, each measured in its own process in the torch-free device venv."""
 
 from __future__ import annotations
 
@@ -13,10 +13,7 @@ import pytest
 from conftest import DATA
 
 DEVICE = os.environ.get("EDGEFT_DEVICE_VENV")
-SERVE = os.environ.get("EDGEFT_SERVE_VENV")
-pytestmark = pytest.mark.skipif(
-    not (DEVICE and SERVE), reason="EDGEFT_DEVICE_VENV / EDGEFT_SERVE_VENV not set (make test sets them)"
-)
+pytestmark = pytest.mark.skipif(not DEVICE, reason="EDGEFT_DEVICE_VENV not set (make test sets it)")
 CASES = [("tiny", 2, 64), ("demo", 4, 256), ("small", 2, 256), ("small-phi3", 4, 256)]
 SERVE_PROBE = """
 import sys
@@ -99,6 +96,6 @@ def test_training_estimate_within_20_percent(factory, long_text, tmp_path, size,
 @pytest.mark.parametrize(("size", "batch", "seq"), CASES, ids=[c[0] for c in CASES])
 def test_serving_estimate_within_20_percent(factory, long_text, size, batch, seq):
     bundle = _bundle(factory, size)
-    estimate = _plan(SERVE, bundle, 1, seq)["serve_peak_mb"]
-    measured = float(_run(SERVE, "python", "-c", SERVE_PROBE, str(bundle), str(seq), str(long_text[1])).strip())
+    estimate = _plan(DEVICE, bundle, 1, seq)["serve_peak_mb"]
+    measured = float(_run(DEVICE, "python", "-c", SERVE_PROBE, str(bundle), str(seq), str(long_text[1])).strip())
     assert abs(estimate - measured) <= 0.2 * measured, f"estimate {estimate:.0f} MB vs measured {measured:.0f} MB"

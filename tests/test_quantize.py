@@ -186,7 +186,7 @@ def test_trained_adapter_generates_and_loads_in_peft(factory, tmp_path, scheme):
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
     assert abs(_eval(factory.bundle("llama"), data, adapter) - _eval(path, data, adapter)) <= EVAL_TOL[scheme]
-    venv = os.environ.get("EDGEFT_SERVE_VENV")
+    venv = os.environ.get("EDGEFT_DEVICE_VENV")
     if venv:  # plain onnxruntime (no training build) serves the quantized bundle with the same tokens
         plain = subprocess.run(
             [

@@ -237,11 +237,11 @@ def test_reader_finds_locations_in_every_place_a_tensor_can_be(tmp_path):
         external_data_locations(path)
 
 
-def test_serve_venv_verifies_and_refuses_escaping_data_without_onnx(signed, keypair, tmp_path):
-    """The serving build has neither torch nor onnx: signing and the protobuf reader still work."""
-    venv = os.environ.get("EDGEFT_SERVE_VENV")
+def test_device_venv_verifies_and_refuses_escaping_data_without_onnx(signed, keypair, tmp_path):
+    """The device venv has neither torch nor onnx: signing and the protobuf reader still work."""
+    venv = os.environ.get("EDGEFT_DEVICE_VENV")
     if not venv:
-        pytest.skip("EDGEFT_SERVE_VENV not set (make test sets it)")
+        pytest.skip("EDGEFT_DEVICE_VENV not set (make test sets it)")
     import onnx
 
     bad = tmp_path / "bad"

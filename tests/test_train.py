@@ -119,6 +119,6 @@ def test_trained_adapter_loads_in_peft_with_equal_logits(factory, tmp_path):
         ref_loss = torch_loss_sum(model, batch).item()
     scored = scored_positions(batch)
     np.testing.assert_allclose(ort_logits(path, lora, batch), ref_logits[scored], atol=1e-4, rtol=1e-4)
-    from edgeft.device.runtime import LoraModel
+    from edgeft.device.runtime import LoraGraphs
 
-    assert LoraModel(Bundle.open(path), lora).loss(batch, 1.0) == pytest.approx(ref_loss, rel=1e-5)
+    assert LoraGraphs(Bundle.open(path)).loss(lora, batch, 1.0) == pytest.approx(ref_loss, rel=1e-5)

@@ -2,7 +2,7 @@
 
 LoRA A/B are inputs of ``decoder_lora.onnx``; an adapter is a set of small arrays fed with each
 request, so switching adapters never creates a session or re-reads base weights. Works with the
-plain ``onnxruntime`` package (>= 1.20) as well as the training build.
+plain ``onnxruntime`` package (>= 1.20) as well as the host's training build.
 
 On CPU a step is one ``session.run`` with numpy feeds: ORT reads numpy inputs in place and hands
 outputs back as zero-copy numpy views, so the KV cache is never copied on its way between steps.
@@ -16,7 +16,6 @@ binding path is no faster there and costs ~100 per-step binding calls.)
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,54 +37,19 @@ class Sampling:
     seed: int | None = None
 
 
-def pick_providers(requested: str | None) -> list[str]:
-    """Execution providers for a session: ``requested`` if available, else the best available."""
-    from edgeft.device.ort import onnxruntime
-
-    available = onnxruntime().get_available_providers()
-    if requested:
-        name = (
-            requested
-            if requested.endswith("ExecutionProvider")
-            else _PROVIDER_ALIASES.get(requested.lower(), requested)
-        )
-        if name in available:
-            return [name, "CPUExecutionProvider"] if name != "CPUExecutionProvider" else [name]
-        print(
-            f"edgeft: provider {requested} is not available here ({', '.join(available)}); using CPU", file=sys.stderr
-        )
-        return ["CPUExecutionProvider"]
-    preferred = [p for p in ("CUDAExecutionProvider",) if p in available]
-    return [*preferred, "CPUExecutionProvider"]
-
-
-_PROVIDER_ALIASES = {
-    "cpu": "CPUExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "qnn": "QNNExecutionProvider",
-    "coreml": "CoreMLExecutionProvider",
-    "dml": "DmlExecutionProvider",
-}
-
-
 class Decoder:
     """The bundle's decoder session plus named adapters (``base`` is always there)."""
 
     sessions_created = 0  # class-wide count, so tests can prove adapter switches create none
 
     def __init__(self, bundle: Bundle, provider: str | None = None, threads: int | None = None):
-        from edgeft.device.ort import onnxruntime, session_options
+        from edgeft.device.session import SessionConfig, onnxruntime, open_session
 
-        graph = bundle.manifest["graphs"].get("decoder_lora")
-        if graph is None:
-            raise EdgeftError(f"{bundle.root}: this bundle has no decoder graph; re-export it with this edgeft")
+        graph = bundle.manifest["graphs"]["decoder_lora"]
         self.bundle = bundle
         self.config = json.loads(bundle.path("config.json").read_text())
-        opts = session_options(threads, deterministic=False)
-        self.session = onnxruntime().InferenceSession(
-            str(bundle.path(graph["file"])), opts, providers=pick_providers(provider)
-        )
+        config = SessionConfig(provider=provider, threads=threads, deterministic=False)
+        self.session = open_session(bundle.path(graph["file"]), config)
         Decoder.sessions_created += 1
         # Off CPU, present key/values stay on the session's device between steps (see the module doc).
         first = self.session.get_providers()[0]
@@ -162,7 +126,7 @@ class Decoder:
             return
         cached = self._lora_values.get(adapter)
         if cached is None or cached[0] is not arrays:
-            from edgeft.device.ort import onnxruntime
+            from edgeft.device.session import onnxruntime
 
             ortvalue = onnxruntime().OrtValue.ortvalue_from_numpy
             for gone in set(self._lora_values) - set(self.adapters):

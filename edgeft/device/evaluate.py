@@ -12,7 +12,9 @@ from edgeft.device.data import Example, load_examples, make_batches
 from edgeft.errors import EdgeftError
 
 if TYPE_CHECKING:
-    from edgeft.device.runtime import LoraModel
+    import numpy as np
+
+    from edgeft.device.runtime import LoraGraphs
 
 
 @dataclass
@@ -31,8 +33,9 @@ class EvalConfig:
 def evaluate(cfg: EvalConfig) -> dict:
     """``{"loss": mean over loss-bearing tokens, "perplexity": exp(loss), "tokens": count}``."""
     from edgeft.device.adapter import load_adapter
-    from edgeft.device.runtime import LoraModel
+    from edgeft.device.runtime import LoraGraphs
     from edgeft.device.tokenizer import BundleTokenizer
+    from edgeft.device.train import training_session
     from edgeft.profiles import runtime_settings
 
     if cfg.batch_size < 1:
@@ -41,16 +44,18 @@ def evaluate(cfg: EvalConfig) -> dict:
     tok = BundleTokenizer.from_dir(bundle.root)
     examples = load_examples(cfg.data, tok, bundle.seq_len(cfg.max_seq_len), truncate=cfg.truncate)
     adapter = cfg.adapter or bundle.path(bundle.manifest["lora"]["init_adapter"])
-    settings = runtime_settings(cfg.profile, "train", cfg.threads)  # eval runs the training session
-    model = LoraModel(bundle, load_adapter(adapter, bundle), settings.threads, settings.provider)
-    loss, tokens = mean_loss(model, examples, cfg.batch_size, tok.pad_token_id)
+    settings = runtime_settings(cfg.profile, "train", cfg.threads)  # eval runs where training runs
+    model = LoraGraphs(bundle, training_session(settings))
+    loss, tokens = mean_loss(model, load_adapter(adapter, bundle), examples, cfg.batch_size, tok.pad_token_id)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
 
 
-def mean_loss(model: LoraModel, examples: list[Example], batch_size: int, pad_token_id: int) -> tuple[float, int]:
+def mean_loss(
+    model: LoraGraphs, lora: dict[str, np.ndarray], examples: list[Example], batch_size: int, pad_token_id: int
+) -> tuple[float, int]:
     """Token-weighted mean loss: each batch returns its summed loss (denominator 1)."""
     total, tokens = 0.0, 0
     for batch in make_batches(examples, batch_size, pad_token_id, seed=0, epoch=0):
-        total += model.loss(batch, 1.0)
+        total += model.loss(lora, batch, 1.0)
         tokens += batch.num_loss_tokens
     return total / tokens, tokens

@@ -1,8 +1,7 @@
 """AdamW over the LoRA tensors, in numpy, with torch.optim.AdamW's exact update rule.
 
-ORT 1.19 keeps optimizer moments inside its CheckpointState and can only save them together with
-every frozen base weight; holding the (small) LoRA moments here lets a device checkpoint be a few
-megabytes instead of a copy of the whole model.
+The training graph only computes gradients; the step runs here over the (small) LoRA tensors, in
+place, so a device checkpoint is the LoRA tensors and their moments: a few megabytes.
 """
 
 from __future__ import annotations
@@ -22,9 +21,10 @@ class AdamW:
     exp_avg: dict[str, np.ndarray] = field(default_factory=dict)
     exp_avg_sq: dict[str, np.ndarray] = field(default_factory=dict)
     last_grad_norm: float = 0.0
+    clipped: bool = False  # the last step scaled its gradients down to max_grad_norm
 
-    def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], lr: float) -> dict[str, np.ndarray]:
-        """One update; returns the new parameters (``last_grad_norm`` keeps the pre-clip norm)."""
+    def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], lr: float) -> None:
+        """One update of ``params`` in place (``last_grad_norm`` keeps the pre-clip norm)."""
         norm = float(np.sqrt(sum(float(np.vdot(g, g)) for g in grads.values())))
         clip = 1.0
         if self.max_grad_norm and norm > self.max_grad_norm:
@@ -33,7 +33,6 @@ class AdamW:
         b1, b2 = self.betas
         bias1 = 1 - b1**self.step_count
         bias2 = 1 - b2**self.step_count
-        out = {}
         for name, p in params.items():
             g = grads[name] * np.float32(clip)
             m = self.exp_avg.setdefault(name, np.zeros_like(p))
@@ -42,11 +41,11 @@ class AdamW:
             m += (1 - b1) * g
             v *= b2
             v += (1 - b2) * g * g
-            p = p * np.float32(1 - lr * self.weight_decay)
+            p *= np.float32(1 - lr * self.weight_decay)
             denom = np.sqrt(v) / np.sqrt(bias2) + self.eps
-            out[name] = (p - (lr / bias1) * m / denom).astype(np.float32)
+            p -= (lr / bias1) * m / denom
         self.last_grad_norm = norm
-        return out
+        self.clipped = clip < 1.0
 
     def state_tensors(self) -> dict[str, np.ndarray]:
         tensors = {f"exp_avg.{n}": a for n, a in self.exp_avg.items()}

@@ -10,14 +10,12 @@ resident memory after importing the runtime that will run the job.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgeft.bundle import Bundle
-from edgeft.errors import EdgeftError
 from edgeft.models import MODEL_TABLE
 
 MB = 1 << 20
@@ -151,11 +149,9 @@ def runtime_baseline_mb() -> float:
     import numpy  # noqa: F401
     import tokenizers  # noqa: F401
 
-    from edgeft.device.ort import onnxruntime, training_api
+    from edgeft.device.session import onnxruntime
 
     onnxruntime()
-    with contextlib.suppress(EdgeftError):  # a serve-only runtime: its baseline is what is loaded
-        training_api()
     return current_rss_mb()
 
 

@@ -1,167 +1,106 @@
-"""A bundle loaded for training and evaluation: one ORT training Module, base weights inside.
+"""The bundle's training and eval graphs on plain onnxruntime: loss, and loss + LoRA gradients.
 
-The bundle ships a *nominal* checkpoint (names and shapes only) plus ``weights.safetensors``;
-we fill every parameter in the training graph's input order with one contiguous copy.
+Both are ordinary inference graphs (format 2): inputs are the batch, ``num_loss_tokens`` and the
+trainable tensors; the frozen weights are external data in ``weights.safetensors``. There is no
+hidden parameter state: the caller owns the LoRA dict (updated in place by AdamW), sums
+micro-batch gradients and steps the optimizer — mlx-lm's split of value_and_grad and update.
+
+Each session runs through one IOBinding. On CPU the LoRA OrtValues wrap the caller's numpy arrays
+and the gradient outputs are bound to preallocated numpy arrays, so neither is copied per step.
 """
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import numpy as np
 
-from edgeft.bundle import GRAPH_INPUTS, Bundle, read_safetensors_header
+from edgeft.bundle import GRAPH_INPUTS, Bundle
 from edgeft.device.data import Batch
-from edgeft.device.ort import session_options, training_api
-from edgeft.errors import EdgeftError
+from edgeft.device.session import SessionConfig, onnxruntime, open_session
 
 
-class LoraModel:
-    """Training and eval graphs of ``bundle`` sharing one set of parameters."""
+class LoraGraphs:
+    """``loss(lora, batch, denominator)`` and ``loss_and_grads(lora, batch, denominator)``."""
 
-    def __init__(
-        self, bundle: Bundle, lora: dict[str, np.ndarray], threads: int | None = None, provider: str | None = None
-    ):
-        api = training_api()
-        m = bundle.manifest
+    def __init__(self, bundle: Bundle, session: SessionConfig | None = None):
         self.bundle = bundle
-        self.state = api.CheckpointState.load_checkpoint(str(bundle.path(m["checkpoint"])))
-        self.module = api.Module(
-            str(bundle.path(m["graphs"]["training"]["file"])),
-            self.state,
-            str(bundle.path(m["graphs"]["eval"]["file"])),
-            device=training_device(provider),
-            session_options=_training_options(threads),
-        )
-        self._quantized_device = training_device(provider)
-        self._quantized = quantized_inputs(bundle, self._quantized_device)  # {} for an fp32 bundle
-        self._load_parameters(lora)
+        self.config = session or SessionConfig()
         self.names = [p["onnx"] for p in bundle.trainable]
+        self._gradients = bundle.manifest["graphs"]["training"]["gradients"]
 
-    def _load_parameters(self, lora: dict[str, np.ndarray]) -> None:
-        from safetensors import safe_open
+    @cached_property
+    def _training(self) -> _Bound:
+        return _Bound(self.bundle, "training", self.config)
 
-        params = [p for p in self.bundle.manifest["parameters"] if "quantized" not in p]
-        buffer = np.empty(sum(int(np.prod(p["shape"])) for p in params), np.float32)
-        offset = 0
-        with safe_open(str(self.bundle.path(self.bundle.manifest["weights"])), framework="numpy") as weights:
-            for p in params:
-                arr = lora[p["onnx"]] if p["trainable"] else weights.get_tensor(p["key"])
-                buffer[offset : offset + arr.size] = arr.reshape(-1)
-                offset += arr.size
-        # The Python wrapper forwards its argument as is: the C++ side wants the raw OrtValue.
-        self.module.copy_buffer_to_parameters(_ortvalue(buffer)._ortvalue, False)
+    @cached_property
+    def _eval(self) -> _Bound:
+        return _Bound(self.bundle, "eval", self.config)
 
-    def loss(self, batch: Batch, denominator: float) -> float:
-        """Eval-graph loss: sum of token cross-entropies / ``denominator``."""
-        self.module.eval()
-        if self._quantized:
-            return self._quantized_step("eval", batch, denominator)
-        return float(self.module(*_inputs(batch, denominator)))
+    def loss(self, lora: dict[str, np.ndarray], batch: Batch, denominator: float) -> float:
+        """Sum of the batch's token cross-entropies / ``denominator`` (eval graph: no dropout)."""
+        return self._eval.run(lora, batch, denominator, {})
 
-    def forward_backward(self, batch: Batch, denominator: float) -> float:
-        """Training-graph step: loss, and its gradients added to the accumulation buffers."""
-        self.module.train()
-        if self._quantized:
-            return self._quantized_step("training", batch, denominator)
-        return float(self.module(*_inputs(batch, denominator)))
-
-    def _quantized_step(self, graph: str, batch: Batch, denominator: float) -> float:
-        """A step of a quantized bundle: every input as an OrtValue (Module's OrtValue call path), the
-        quantized weights and scales as the OrtValues made once over their file-backed arrays."""
-        data = dict(zip(GRAPH_INPUTS, _inputs(batch, denominator), strict=True))
-        device = self._quantized_device
-        feeds = [
-            self._quantized[n] if n in self._quantized else _ortvalue(np.asarray(data[n], order="C"), device)
-            for n in self.bundle.manifest["graphs"][graph]["inputs"]
-        ]
-        return float(self.module(*feeds).numpy())
-
-    def gradients(self) -> dict[str, np.ndarray]:
-        params = self.state.parameters
-        return {n: params[n].grad for n in self.names}
-
-    def lora(self) -> dict[str, np.ndarray]:
-        params = self.state.parameters
-        return {n: params[n].data for n in self.names}
-
-    def set_lora(self, lora: dict[str, np.ndarray]) -> None:
-        params = self.state.parameters
-        for n in self.names:
-            params[n] = np.ascontiguousarray(lora[n], dtype=np.float32)
-
-    def zero_grad(self) -> None:
-        self.module.lazy_reset_grad()
+    def loss_and_grads(
+        self, lora: dict[str, np.ndarray], batch: Batch, denominator: float
+    ) -> tuple[float, dict[str, np.ndarray]]:
+        """Loss and its gradient for every trainable tensor (arrays reused by the next call: copy
+        or sum them before calling again)."""
+        outputs = {self._gradients[n]: shape for n, shape in self._training.shapes.items()}
+        loss = self._training.run(lora, batch, denominator, outputs)
+        return loss, {n: self._training.outputs[self._gradients[n]] for n in self.names}
 
 
-def training_device(provider: str | None) -> str:
-    """ORT training Module device string for an execution provider name: CUDA or CPU only."""
-    if provider in (None, "CPUExecutionProvider", "cpu"):
-        return "cpu"
-    if provider in ("CUDAExecutionProvider", "cuda"):
-        return "cuda"
-    raise EdgeftError(f"training runs on the CPU or CUDA execution providers, not {provider}")
+class _Bound:
+    """One session with its IOBinding, LoRA OrtValues and preallocated outputs."""
+
+    def __init__(self, bundle: Bundle, graph: str, config: SessionConfig):
+        entry = bundle.manifest["graphs"][graph]
+        self.session = open_session(bundle.path(entry["file"]), config)
+        self.binding = self.session.io_binding()
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.inputs = entry["inputs"]
+        self.shapes = {p["onnx"]: tuple(p["shape"]) for p in bundle.trainable}
+        self.outputs: dict[str, np.ndarray] = {}
+        self._lora: dict[str, tuple[np.ndarray, object]] = {}  # name -> (array, OrtValue bound)
+
+    def run(self, lora: dict[str, np.ndarray], batch: Batch, denominator: float, extra: dict[str, tuple]) -> float:
+        """Run with ``extra`` outputs ({name: shape}) besides the loss; results land in ``outputs``."""
+        data = dict(zip(GRAPH_INPUTS, _batch_arrays(batch, denominator), strict=True))
+        for name in self.inputs:
+            if name in data:
+                self.binding.bind_cpu_input(name, data[name])
+            else:
+                self._bind_lora(name, lora[name])
+        wanted = {"loss": (), **extra}
+        for name, shape in wanted.items():
+            self._bind_output(name, shape)
+        self.session.run_with_iobinding(self.binding)
+        if self.device != "cpu":  # outputs were written on the device: fetch them into our arrays
+            for name, value in zip(wanted, self.binding.get_outputs(), strict=True):
+                np.copyto(self.outputs[name], value.numpy())
+        return float(self.outputs["loss"])
+
+    def _bind_lora(self, name: str, array: np.ndarray) -> None:
+        bound = self._lora.get(name)
+        if bound is not None and bound[0] is array:
+            if self.device != "cpu":
+                bound[1].update_inplace(array)  # AdamW changed the host copy
+            return
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        value = onnxruntime().OrtValue.ortvalue_from_numpy(array, self.device, 0)  # CPU: wraps, no copy
+        self.binding.bind_ortvalue_input(name, value)
+        self._lora[name] = (array, value)
+
+    def _bind_output(self, name: str, shape: tuple) -> None:
+        if name not in self.outputs:
+            self.outputs[name] = np.zeros(shape, np.float32)
+            if self.device == "cpu":  # ORT writes straight into our array, every run
+                value = onnxruntime().OrtValue.ortvalue_from_numpy(self.outputs[name])
+                self.binding.bind_ortvalue_output(name, value)
+        if self.device != "cpu":
+            self.binding.bind_output(name, self.device)
 
 
-def _training_options(threads: int | None):
-    """Session options of the training Module: edgeft's, without ORT's memory pattern. The pattern
-    pre-plans one block per input shape; at batch 4 x seq 512 on a 160M-parameter model it raised
-    peak RSS by ~1 GB (13 %) for no speed gain, while short sequences are unaffected (measured in
-    benchmarks/RESULTS.md). Numerics are unchanged: it only decides where buffers live."""
-    opts = session_options(threads)
-    opts.enable_mem_pattern = False
-    return opts
-
-
-def _inputs(batch: Batch, denominator: float):
+def _batch_arrays(batch: Batch, denominator: float):
     return batch.input_ids, batch.attention_mask, batch.labels, np.array(denominator, dtype=np.float32)
-
-
-def _ortvalue(array: np.ndarray, device: str = "cpu"):
-    from onnxruntime import OrtValue
-
-    return OrtValue.ortvalue_from_numpy(array, device, 0)
-
-
-QUANT_SCHEMES = ("int8", "int4")
-_ST_DTYPES = {"F32": np.float32, "I8": np.int8, "U8": np.uint8, "F16": np.float16, "I32": np.int32, "I64": np.int64}
-
-
-def quantized_inputs(bundle: Bundle, device: str = "cpu") -> dict:
-    """Graph input name -> OrtValue for each quantized weight's data and scales (``edgeft export
-    --quantize``); ``{}`` for an fp32 bundle. The arrays are read-only memory maps of
-    weights.safetensors (pages stay file-backed) and the CPU OrtValues wrap them without a copy."""
-    m = bundle.manifest
-    entries = [p for p in m["parameters"] if "quantized" in p]
-    if not entries:
-        return {}
-    scheme = (m.get("quantization") or {}).get("scheme")
-    if scheme not in QUANT_SCHEMES or any(p["quantized"].get("scheme") != scheme for p in entries):
-        raise EdgeftError(
-            f"{bundle.root}: the base weights are quantized as {scheme!r}, which this edgeft does not support "
-            f"({', '.join(QUANT_SCHEMES)}); upgrade edgeft on this device"
-        )
-    arrays = safetensors_memmap(bundle.path(m["weights"]))
-    values = {}
-    for p in entries:
-        q = p["quantized"]
-        for name, key in ((q["data_input"], p["key"]), (q["scales_input"], q["scales_key"])):
-            if key not in arrays:
-                raise EdgeftError(f"{bundle.path(m['weights'])}: tensor {key} (quantized {p['onnx']}) is missing")
-            values[name] = _ortvalue(arrays[key], device)
-    values["__arrays__"] = arrays  # keep the maps alive as long as the OrtValues
-    return values
-
-
-def safetensors_memmap(path) -> dict[str, np.ndarray]:
-    """Every tensor of a safetensors file as a read-only ``np.memmap`` (no copy into anonymous memory)."""
-    raw, header = read_safetensors_header(path)
-    out = {}
-    for key, entry in header.items():
-        if key == "__metadata__" or entry.get("dtype") not in _ST_DTYPES:
-            continue
-        begin, end = entry["data_offsets"]
-        shape = tuple(entry["shape"])
-        if end == begin:
-            out[key] = np.zeros(shape, _ST_DTYPES[entry["dtype"]])
-            continue
-        out[key] = np.memmap(path, _ST_DTYPES[entry["dtype"]], mode="r", offset=len(raw) + begin, shape=shape)
-    return out

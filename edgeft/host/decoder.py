@@ -13,58 +13,53 @@ Base weights are not copied: each weight initializer points (ONNX external data)
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
-from edgeft.bundle import safetensors_ranges
+from edgeft.errors import EdgeftError
+from edgeft.host.graph import externalize
 
 DECODER_LORA = "decoder_lora.onnx"
 DECODER = "decoder.onnx"
-WEIGHTS = "weights.safetensors"
 MATMUL_NBITS = True  # int4 decoders: MatMulNBits over the stored bytes (False: dequantize + MatMul)
 MATMUL_INTEGER = True  # int8 decoders: DynamicQuantizeLinear + MatMulInteger (False: dequantize + MatMul)
 
 
-def export_decoders(peft_model, hf_config: dict, keys: dict[str, str], out: Path, opset: int, quant=None) -> dict:
-    """Write both decoder graphs into ``out`` (which already holds weights.safetensors).
+def export_decoders(
+    peft_model, hf_config: dict, file_keys: dict[str, str], ranges: dict, out: Path, quant=None
+) -> dict:
+    """Write both decoder graphs into ``out``; returns their manifest entries.
 
-    ``quant`` (``--quantize``): {onnx name: QuantTensor}; those weights are read from their
-    quantized data and scales in weights.safetensors and dequantized in the graph."""
+    ``file_keys``/``ranges``: graph name -> weights.safetensors key, key -> byte range (the file is
+    already written). ``quant`` (``--quantize``): {onnx name: QuantTensor}; those weights are read
+    from their quantized data and scales."""
     import onnx
 
-    ranges = safetensors_ranges(out / WEIGHTS)
     entries = {}
     for name, with_lora in ((DECODER_LORA, True), (DECODER, False)):
-        raw = out / f".{name}.raw"
-        _trace(peft_model, hf_config, raw, with_lora, opset)
-        model = onnx.load(str(raw))
-        raw.unlink()
+        model = _trace(peft_model, hf_config, out, with_lora)
+        graph = model.graph
         if quant:
-            from edgeft.host.quantize import decoder_keys, rewrite_graph
+            from edgeft.host.quantize import ensure_ms_domain, rewrite_graph
 
-            for init in model.graph.initializer:
-                init.name = init.name.removeprefix("peft.")
-            for node in model.graph.node:
-                node.input[:] = [i.removeprefix("peft.") for i in node.input]
-            for value in model.graph.input:
-                value.name = value.name.removeprefix("peft.")
-            from edgeft.host.quantize import ensure_ms_domain
-
-            present = {i.name for i in model.graph.initializer}
-            quant_here = {n: q for n, q in quant.items() if n in present}
-            rewrite_graph(
-                model.graph, quant_here, as_inputs=False, matmul_nbits=MATMUL_NBITS, matmul_integer=MATMUL_INTEGER
-            )
+            present = {i.name for i in graph.input}
+            here = {n: q for n, q in quant.items() if n in present}
+            rewrite_graph(graph, here, as_inputs=True, matmul_nbits=MATMUL_NBITS, matmul_integer=MATMUL_INTEGER)
             ensure_ms_domain(model)
-            lora_inputs = _rewire_parameters(model, decoder_keys(keys, quant), ranges)
-        else:
-            lora_inputs = _rewire_parameters(model, keys, ranges)
+        used = {i for node in graph.node for i in node.input}
+        inputs = [i for i in graph.input if i.name in used or i.name.startswith("past_key_values")]
+        del graph.input[:]
+        graph.input.extend(inputs)  # the template decoder drops the LoRA inputs it never reads
+        externalize(graph, file_keys, ranges, {})
+        lora = [i.name for i in graph.input if ".lora_" in i.name]
+        trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+        if with_lora and sorted(lora) != sorted(trainable):
+            raise EdgeftError(f"{name}: the traced decoder's LoRA inputs differ from the model's LoRA tensors")
         onnx.save(model, str(out / name))
         entries["decoder_lora" if with_lora else "decoder"] = {
             "file": name,
-            "inputs": [i.name for i in model.graph.input],
-            "outputs": [o.name for o in model.graph.output],
-            "lora_inputs": lora_inputs,
+            "inputs": [i.name for i in graph.input],
+            "outputs": [o.name for o in graph.output],
+            "lora_inputs": lora,
         }
     return entries
 
@@ -119,10 +114,12 @@ def decode_mask(attention_mask, query_len, sliding_window: int | None):
     return zeros.masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
-def _trace(peft_model, hf_config: dict, path: Path, with_lora: bool, opset: int) -> None:
+def _trace(peft_model, hf_config: dict, out: Path, with_lora: bool):
     import contextlib
 
     import torch
+
+    from edgeft.host.training import trace
 
     layers = hf_config["num_hidden_layers"]
     kv_heads = hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"]
@@ -146,52 +143,6 @@ def _trace(peft_model, hf_config: dict, path: Path, with_lora: bool, opset: int)
     # decoder.onnx keeps every position's, since `edgeft merge` hands it to optimum users as is.
     module = decoder_module(peft_model, hf_config, last_logits=with_lora).eval()
     adapters = contextlib.nullcontext() if with_lora else peft_model.disable_adapter()
-    with torch.no_grad(), adapters, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            (ids, mask, pos, *past),
-            str(path),
-            input_names=["input_ids", "attention_mask", "position_ids", *past_names],
-            output_names=["logits", *present_names],
-            dynamic_axes=dynamic,
-            opset_version=opset,
-            do_constant_folding=False,
-            dynamo=False,
-            keep_initializers_as_inputs=True,  # no value-based deduplication of equal weights
-        )
-
-
-def _rewire_parameters(model, keys: dict[str, str], ranges: dict[str, tuple[int, int]]) -> list[str]:
-    """Frozen weights -> external data in weights.safetensors; LoRA tensors -> graph inputs."""
-    import onnx
-
-    graph = model.graph
-    for init in graph.initializer:
-        init.name = init.name.removeprefix("peft.")
-    for node in graph.node:
-        node.input[:] = [i.removeprefix("peft.") for i in node.input]
-    for value in graph.input:
-        value.name = value.name.removeprefix("peft.")
-    used = {i for node in graph.node for i in node.input}
-    lora = [i.name for i in graph.initializer if ".lora_" in i.name and i.name in used]
-    keep = []
-    for init in graph.initializer:
-        if init.name not in used or init.name in lora:
-            continue  # LoRA tensors become inputs; unused ones (template graph) go
-        if init.name in keys and keys[init.name] in ranges:
-            offset, length = ranges[keys[init.name]]
-            init.ClearField("raw_data")
-            init.data_location = onnx.TensorProto.EXTERNAL
-            del init.external_data[:]
-            for k, v in (("location", WEIGHTS), ("offset", str(offset)), ("length", str(length))):
-                init.external_data.add(key=k, value=v)
-        keep.append(init)
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    # Inputs that are initializers are optional overrides; keep only the real inputs and LoRA.
-    names = {i.name for i in keep}
-    real = [i for i in graph.input if i.name not in names and (i.name in used or i.name.startswith("past_key_values"))]
-    del graph.input[:]
-    graph.input.extend(real)
-    return lora
+    names = ["input_ids", "attention_mask", "position_ids", *past_names]
+    with adapters:
+        return trace(module, (ids, mask, pos, *past), out / ".decoder.raw", names, ["logits", *present_names], dynamic)

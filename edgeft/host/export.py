@@ -9,34 +9,24 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
-import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edgeft import __version__
-from edgeft.bundle import (
-    FORMAT_VERSION,
-    GRAPH_INPUTS,
-    MANIFEST,
-    TOKENIZER_FILES,
-    file_table,
-    peft_key,
-)
+from edgeft.bundle import FORMAT_VERSION, GRAPH_INPUTS, MANIFEST, TOKENIZER_FILES, file_table, peft_key
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_write_json, staged_directory
-from edgeft.host.decoder import export_decoders
+from edgeft.host.graph import WEIGHTS, externalize
 from edgeft.models import MODEL_TABLE, default_lora_targets
 from edgeft.signing import load_private_key, sign_bundle
 
 log = logging.getLogger(__name__)
-OPSET = 17
+TRAINING, EVAL = "training_model.onnx", "eval_model.onnx"
 ADAM = {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "max_grad_norm": 1.0}
 
 
@@ -62,7 +52,7 @@ class ExportConfig:
 
 def export_bundle(cfg: ExportConfig) -> Path:
     """Export ``cfg.model_dir`` to a bundle at ``cfg.out``; written in a staging dir, then renamed."""
-    from edgeft.device.ort import onnxruntime
+    from edgeft.device.session import onnxruntime
 
     onnxruntime()  # set ORT's log level before anything creates its environment
     t0 = time.time()
@@ -274,188 +264,103 @@ def _additive_mask(attention_mask, sliding_window: int | None):
     return zeros.masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
-def _export_onnx(peft_model, hf_config: dict, path: Path):
-    import torch
-
-    window = hf_config.get("sliding_window") if hf_config.get("use_sliding_window", True) else None
-    wrapper = loss_module(peft_model, window)
-    wrapper.train()  # training mode: the exporter then keeps equal-valued weights as separate initializers
-    ids = torch.randint(0, hf_config["vocab_size"], (2, 8))
-    mask = torch.ones_like(ids)
-    count = torch.tensor(14.0)
-    dynamic_axes = {n: {0: "batch", 1: "seq"} for n in GRAPH_INPUTS[:3]}
-    with torch.no_grad(), warnings.catch_warnings(), dora_for_onnx(stop_gradient=True):
-        warnings.simplefilter("ignore")  # tracer notes about constants and Python control flow
-        torch.onnx.export(
-            wrapper,
-            (ids, mask, ids.clone(), count),
-            str(path),
-            input_names=list(GRAPH_INPUTS),
-            output_names=["loss"],
-            dynamic_axes=dynamic_axes,
-            opset_version=OPSET,
-            training=torch.onnx.TrainingMode.PRESERVE,
-            do_constant_folding=False,
-            dynamo=False,
-        )
-
-
 def _param_names(peft_model) -> dict[str, str]:
-    """ONNX initializer name (exporter prefix stripped) -> Hugging Face / PEFT key."""
+    """ONNX name (PEFT parameter name) -> Hugging Face / PEFT key in the bundle's files."""
     names = {}
     for name, _ in peft_model.named_parameters():
         if "lora_" in name:
             names[name] = peft_key(name)
         else:
-            key = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-            names[name] = key
+            names[name] = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
     return names
 
 
-def _graph_and_params(peft_model, hf_config: dict, work: Path):
-    """Export, strip the wrapper prefix from initializer names, return (model proto, {name: array})."""
-    import onnx
-    from onnx import numpy_helper
-
-    raw = work / "forward.onnx"
-    _export_onnx(peft_model, hf_config, raw)
-    proto = onnx.load(str(raw))
-    renames = {}
-    for init in proto.graph.initializer:
-        if init.name.startswith("peft."):
-            renames[init.name] = init.name.removeprefix("peft.")
-            init.name = renames[init.name]
-    for node in proto.graph.node:
-        node.input[:] = [renames.get(i, i) for i in node.input]
-    params = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer if i.name in _param_names(peft_model)}
-    return proto, params
-
-
 def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out: Path) -> None:
-    from onnxruntime.training import artifacts
-    from safetensors.numpy import save_file
+    """The stages: trace -> quantize (optional) -> weights file -> gradients + lowering ->
+    external data -> decoders -> adapter, tokenizer -> manifest."""
+    import onnx
 
+    from edgeft.host.decoder import export_decoders
+    from edgeft.host.training import differentiate, trace_loss
+
+    params = {n: p.detach().numpy() for n, p in peft_model.named_parameters()}  # views, no copies
+    keys = _param_names(peft_model)
+    trainable = [n for n in params if "lora_" in n]
+    if not trainable:
+        raise EdgeftError("no LoRA parameters ended up in the graph (check --target-modules)")
     work = Path(tempfile.mkdtemp(prefix="edgeft-export-"))
     try:
-        proto, params = _graph_and_params(peft_model, hf_config, work)
-        keys = _param_names(peft_model)
-        trainable = [n for n in params if "lora_" in n]
-        frozen = [n for n in params if n not in trainable]
-        if not trainable:
-            raise EdgeftError("no LoRA parameters ended up in the graph (check --target-modules)")
-        quant = {}
-        if cfg.quantize:
-            # Quantized weights and scales become user inputs of both graphs (never foldable).
-            from edgeft.host.quantize import rewrite_graph, select_and_quantize
-
-            quant = select_and_quantize(proto.graph, params, frozen, keys, cfg.quantize, cfg.quant_block_size)
-            rewrite_graph(proto.graph, quant, as_inputs=True)
-            frozen = [n for n in frozen if n not in quant]
-        # Frozen weights become graph inputs too: no constant folding copies them, and one
-        # training session shares them between the training and the eval graph.
-        with _native_stderr_to_log():
-            artifacts.generate_artifacts(
-                proto,
-                requires_grad=trainable,
-                frozen_params=frozen,
-                loss=None,
-                optimizer=None,  # AdamW runs on the device over the LoRA tensors (edgeft/device/optim.py)
-                artifact_directory=out,
-                nominal_checkpoint=True,
-            )
+        window = hf_config.get("sliding_window") if hf_config.get("use_sliding_window", True) else None
+        with dora_for_onnx(stop_gradient=True):
+            forward = trace_loss(loss_module(peft_model, window), hf_config["vocab_size"], work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    (out / "checkpoint").unlink()  # the complete checkpoint repeats every weight: keep the nominal one
-    if quant:  # backward re-dequantizes each weight instead of keeping the forward's float copy alive
-        import onnx
+    _check_graph_inputs(forward, params, trainable)
+    frozen = [i.name for i in forward.graph.input if i.name in params and i.name not in trainable]
+    quant = {}
+    if cfg.quantize:
+        from edgeft.host.quantize import rewrite_graph, select_and_quantize
 
+        quant = select_and_quantize(forward.graph, params, frozen, keys, cfg.quantize, cfg.quant_block_size)
+        rewrite_graph(forward.graph, quant, as_inputs=True)
+    file_keys = _file_keys(keys, frozen, quant)
+    ranges = _write_weights(out / WEIGHTS, params, file_keys, quant)
+    training, evaluation = differentiate(forward, trainable)
+    if quant:  # backward re-dequantizes each weight instead of keeping the forward's float copy alive
         from edgeft.host.quantize import recompute_in_backward
 
-        training = onnx.load(str(out / "training_model.onnx"))
         recompute_in_backward(training.graph, quant)
-        onnx.save(training, str(out / "training_model.onnx"))
-    tensors = {keys[n]: np.ascontiguousarray(params[n]) for n in frozen}
-    if quant:
-        from edgeft.host.quantize import tensors_for_file
-
-        tensors.update(tensors_for_file(quant))
-    save_file(tensors, str(out / "weights.safetensors"))
+    graphs = {}
+    for name, model, file in (("training", training, TRAINING), ("eval", evaluation, EVAL)):
+        externalize(model.graph, file_keys, ranges, {})
+        onnx.save(model, str(out / file))
+        graphs[name] = {
+            "file": file,
+            "inputs": [i.name for i in model.graph.input],
+            "outputs": [o.name for o in model.graph.output],
+        }
+    graphs["training"]["gradients"] = {n: f"{n}_grad" for n in graphs["training"]["inputs"] if n in trainable}
     with dora_for_onnx(stop_gradient=False):
-        decoders = export_decoders(peft_model, hf_config, keys, out, OPSET, **({"quant": quant} if quant else {}))
+        graphs.update(export_decoders(peft_model, hf_config, file_keys, ranges, out, quant))
     _write_init_adapter(peft_model, lora_cfg, {n: params[n] for n in trainable}, keys, out / "adapter")
     _copy_tokenizer(Path(cfg.model_dir), out)
-    order = _parameter_order(out / "training_model.onnx", params)
-    manifest = _manifest(cfg, lora_cfg, hf_config, keys, params, order, trainable, out)
+    manifest = _manifest(cfg, lora_cfg, hf_config, keys, params, frozen, trainable, graphs, quant, out)
     manifest["lora"]["scaling"] = dict(sorted(lora_scaling(peft_model).items()))
-    manifest["graphs"].update(decoders)
-    if quant:
-        _add_quantization(manifest, cfg, quant, out)
     atomic_write_json(out / MANIFEST, manifest)
 
 
-def _add_quantization(manifest: dict, cfg: ExportConfig, quant: dict, out: Path) -> None:
-    """Manifest of a quantized bundle: top-level ``quantization``; each quantized weight is a
-    ``parameters[]`` entry with a ``quantized`` object (devices before quantization reject that
-    property in their schema check, so they refuse the bundle instead of misreading it); the
-    training/eval graph inputs list the quantized data/scales inputs the device feeds."""
-    import onnx
+def _check_graph_inputs(forward, params: dict, trainable: list[str]) -> None:
+    """Every graph input is a data input or a parameter (a buffer traced as an input would have no
+    value), and every LoRA tensor is an input (an exporter that merged equal tensors would fail here)."""
+    names = [i.name for i in forward.graph.input]
+    unknown = [n for n in names if n not in params and n not in GRAPH_INPUTS]
+    if unknown:
+        raise EdgeftError(f"the traced model has inputs that are neither data nor parameters: {', '.join(unknown[:5])}")
+    missing = sorted(set(trainable) - set(names))
+    if missing:
+        raise EdgeftError(f"LoRA tensors missing from the traced training graph: {', '.join(missing[:5])}")
 
-    scheme = cfg.quantize
-    manifest["quantization"] = {"scheme": scheme, "quantized_tensors": len(quant)}
-    if scheme == "int4":
-        manifest["quantization"].update(block_size=cfg.quant_block_size, zero_point=8)
+
+def _file_keys(keys: dict[str, str], frozen: list[str], quant: dict) -> dict[str, str]:
+    """Graph tensor name -> weights.safetensors key, for every tensor stored in the file."""
+    out = {n: keys[n] for n in frozen if n not in quant}
     for qt in quant.values():
-        manifest["parameters"].append(
-            {
-                "onnx": qt.name,
-                "key": qt.key,
-                "shape": list(qt.shape),
-                "trainable": False,
-                "quantized": {
-                    "scheme": scheme,
-                    "data_input": qt.data_input,
-                    "scales_input": qt.scales_input,
-                    "scales_key": qt.scales_key,
-                },
-            }
-        )
-    params = {p["onnx"] for p in manifest["parameters"] if "quantized" not in p}
-    for graph in ("training", "eval"):
-        entry = manifest["graphs"][graph]
-        g = onnx.load(str(out / entry["file"]), load_external_data=False).graph
-        entry["inputs"] = [
-            i.name
-            for i in g.input
-            if i.name not in params and not i.name.endswith(".buffer") and i.name != "lazy_reset_grad"
-        ]
+        out[qt.data_input] = qt.key
+        out[qt.scales_input] = qt.scales_key
+    return out
 
 
-@contextlib.contextmanager
-def _native_stderr_to_log():
-    """ORT's gradient builder logs every graph pass at INFO from C++, ignoring the Python log
-    level; send native stderr to a temp file and replay it only if the build fails."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            os.dup2(saved, 2)
-            sink.seek(0)
-            sys.stderr.write(sink.read().decode(errors="replace")[-20000:])
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+def _write_weights(path: Path, params: dict, file_keys: dict[str, str], quant: dict) -> dict[str, tuple[int, int]]:
+    """weights.safetensors: frozen float32 weights and quantized data + scales, each once."""
+    from edgeft.host.weights import write_safetensors
 
-
-def _parameter_order(training_model: Path, params: dict) -> list[str]:
-    """Parameter names in training-graph input order: the layout of ORT's contiguous buffer."""
-    import onnx
-
-    graph = onnx.load(str(training_model), load_external_data=False).graph
-    return [i.name for i in graph.input if i.name in params]
+    arrays = {}
+    for qt in quant.values():
+        arrays[qt.key], arrays[qt.scales_key] = qt.data, qt.scales
+    for name, key in file_keys.items():
+        arrays.setdefault(key, params.get(name))
+    specs = [(k, a.shape, a.dtype) for k, a in arrays.items()]
+    return write_safetensors(path, specs, arrays.__getitem__)
 
 
 def _write_init_adapter(peft_model, lora_cfg, lora: dict, keys: dict, path: Path) -> None:
@@ -481,12 +386,17 @@ def _copy_tokenizer(model_dir: Path, out: Path) -> None:
             shutil.copyfile(model_dir / name, out / name)
 
 
-def _manifest(cfg, lora_cfg, hf_config, keys, params, order, trainable, out: Path) -> dict:
+def _manifest(cfg, lora_cfg, hf_config, keys, params, frozen, trainable, graphs, quant, out: Path) -> dict:
     lora = json.loads((out / "adapter" / "adapter_config.json").read_text())
     tok_cfg = (
         json.loads((out / "tokenizer_config.json").read_text()) if (out / "tokenizer_config.json").is_file() else {}
     )
-    return {
+    parameters = [{"onnx": n, "key": keys[n], "shape": list(params[n].shape), "trainable": True} for n in trainable] + [
+        {"onnx": n, "key": keys[n], "shape": list(params[n].shape), "trainable": False}
+        for n in frozen
+        if n not in quant
+    ]
+    manifest = {
         "format_version": FORMAT_VERSION,
         "edgeft_version": __version__,
         "model_type": hf_config["model_type"],
@@ -508,21 +418,42 @@ def _manifest(cfg, lora_cfg, hf_config, keys, params, order, trainable, out: Pat
             "alpha_pattern": lora.get("alpha_pattern") or {},
         },
         "optimizer": {"name": "adamw", **ADAM},
-        "graphs": {
-            "training": {"file": "training_model.onnx", "inputs": list(GRAPH_INPUTS), "outputs": ["loss"]},
-            "eval": {"file": "eval_model.onnx", "inputs": list(GRAPH_INPUTS), "outputs": ["loss"]},
-        },
-        "checkpoint": "nominal_checkpoint",
-        "weights": "weights.safetensors",
-        "parameters": [
-            {"onnx": n, "key": keys[n], "shape": list(params[n].shape), "trainable": n in trainable} for n in order
-        ],
+        "graphs": graphs,
+        "weights": WEIGHTS,
+        "parameters": parameters,
         "tokenizer": {
             "files": [f for f in TOKENIZER_FILES if (out / f).is_file()],
             "chat_template": bool(tok_cfg.get("chat_template")),
         },
-        "files": file_table(out),
     }
+    if quant:
+        _add_quantization(manifest, cfg, quant)
+    manifest["files"] = file_table(out)
+    return manifest
+
+
+def _add_quantization(manifest: dict, cfg: ExportConfig, quant: dict) -> None:
+    """Top-level ``quantization``; each quantized weight is a ``parameters[]`` entry with a
+    ``quantized`` object naming its data and scales tensors (graph names and file keys)."""
+    scheme = cfg.quantize
+    manifest["quantization"] = {"scheme": scheme, "quantized_tensors": len(quant)}
+    if scheme == "int4":
+        manifest["quantization"].update(block_size=cfg.quant_block_size, zero_point=8)
+    for qt in quant.values():
+        manifest["parameters"].append(
+            {
+                "onnx": qt.name,
+                "key": qt.key,
+                "shape": list(qt.shape),
+                "trainable": False,
+                "quantized": {
+                    "scheme": scheme,
+                    "data_input": qt.data_input,
+                    "scales_input": qt.scales_input,
+                    "scales_key": qt.scales_key,
+                },
+            }
+        )
 
 
 __all__ = ["ExportConfig", "export_bundle", "MODEL_TABLE"]

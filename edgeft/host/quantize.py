@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgeft.host.graph import consumers, producers
+
 SCHEMES = ("int8", "int4")
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits accepts powers of two >= 16
 DEFAULT_BLOCK_SIZE = 32
@@ -44,7 +46,8 @@ class QuantTensor:
     shape: tuple[int, int]  # the float weight's [N, K]
     data: np.ndarray
     scales: np.ndarray
-    gather: bool  # only consumed by Gather (embedding): dequantize the gathered rows only
+    gather: bool  # consumed by Gather (embedding): dequantize the gathered rows only
+    linear: bool = True  # consumed by linear ops (tied embeddings are both)
 
     @property
     def data_input(self) -> str:
@@ -93,18 +96,15 @@ def dequantize(data: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
 
 def select_and_quantize(graph, params: dict, frozen: list[str], keys: dict, scheme: str, block_size: int):
     """The frozen weights to quantize (see module docstring), quantized: {onnx name: QuantTensor}."""
-    consumers: dict[str, set[str]] = {}
-    for node in graph.node:
-        for i in node.input:
-            consumers.setdefault(i, set()).add(node.op_type)
+    op_types = {name: {n.op_type for n in nodes} for name, nodes in consumers(graph).items()}
     out = {}
     for name in frozen:
         w = params[name]
-        ops = consumers.get(name, set())
-        if w.ndim != 2 or not ops or not (ops <= LINEAR_OPS or ops == {"Gather"}):
+        ops = op_types.get(name, set())
+        if w.ndim != 2 or not ops or not ops <= LINEAR_OPS | {"Gather"}:
             continue
         data, scales = quantize_int8(w) if scheme == "int8" else quantize_int4(w, block_size)
-        out[name] = QuantTensor(name, keys[name], tuple(w.shape), data, scales, ops == {"Gather"})
+        out[name] = QuantTensor(name, keys[name], tuple(w.shape), data, scales, "Gather" in ops, bool(ops - {"Gather"}))
     return out
 
 
@@ -116,7 +116,7 @@ def rewrite_graph(
     otherwise initializers without data (the decoder export points them into weights.safetensors).
     ``matmul_nbits`` (int4 decoders): a weight used only as ``MatMul(x, Transpose(W))`` becomes one
     ``com.microsoft.MatMulNBits(x, data, scales)`` over the same bytes, with no float copy."""
-    from onnx import TensorProto, helper
+    from onnx import TensorProto, helper, numpy_helper
 
     wanted = {np.dtype(np.uint8): matmul_nbits, np.dtype(np.int8): matmul_integer}
     nbits = {n for n in _use_matmul_nbits(graph, quant) if wanted[quant[n].data.dtype]}
@@ -140,7 +140,7 @@ def rewrite_graph(
                 t = TensorProto(name=name, data_type=elem)  # no data: the decoder export points it into weights
                 t.dims.extend(shape)
                 graph.initializer.append(t)
-        if not qt.gather and qt.name not in nbits:
+        if qt.linear and qt.name not in nbits:
             nodes, c = _dequant(qt, qt.data_input, qt.scales_input, qt.name, lead=1)
             new_nodes += nodes
             consts += c
@@ -155,8 +155,14 @@ def rewrite_graph(
             assert axis == 0, f"Gather on {qt.name} along axis {axis}"
             tag = node.output[0]
             gd, gs = f"{tag}/qdata", f"{tag}/qscales"
+            scales = qt.scales_input
+            if qt.name in nbits:  # a tied embedding: its scales are declared flat for MatMulNBits/MatMulInteger
+                shape = numpy_helper.from_array(np.array(qt.scales.shape, np.int64), f"{tag}/scales_shape")
+                consts.append(shape)
+                scales = f"{tag}/scales_rows"
+                body.append(helper.make_node("Reshape", [qt.scales_input, shape.name], [scales], name=scales))
             body.append(helper.make_node("Gather", [qt.data_input, node.input[1]], [gd], name=f"{tag}/gather_q"))
-            body.append(helper.make_node("Gather", [qt.scales_input, node.input[1]], [gs], name=f"{tag}/gather_s"))
+            body.append(helper.make_node("Gather", [scales, node.input[1]], [gs], name=f"{tag}/gather_s"))
             nodes, c = _dequant(qt, gd, gs, node.output[0], lead=2, tag=tag)  # ids are [batch, seq]
             body += nodes
             consts += c
@@ -171,24 +177,21 @@ def rewrite_graph(
 
 
 def _use_matmul_nbits(graph, quant: dict[str, QuantTensor]) -> set[str]:
-    """The int4 weights consumed only by ``Transpose(perm [1, 0])`` nodes whose outputs feed only
-    ``MatMul`` B inputs."""
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
+    """The weights whose linear uses are all ``Transpose(perm [1, 0])`` nodes feeding only ``MatMul``
+    B inputs (a tied embedding's Gather is rewritten on its own)."""
+    uses = consumers(graph)
     out = set()
     for name, qt in quant.items():
-        if qt.gather:
+        if not qt.linear:
             continue
-        users = consumers.get(name, [])
+        users = [u for u in uses.get(name, []) if u.op_type != "Gather"]
         ok = bool(users)
         for t in users:
             perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), [1, 0])
             if t.op_type != "Transpose" or perm != [1, 0]:
                 ok = False
                 break
-            mm = consumers.get(t.output[0], [])
+            mm = uses.get(t.output[0], [])
             if not mm or any(
                 m.op_type != "MatMul" or m.input[1] != t.output[0] or m.input[0] == t.output[0] for m in mm
             ):
@@ -339,24 +342,21 @@ def recompute_in_backward(graph, quant: dict[str, QuantTensor]) -> int:
     gradient nodes rewired."""
     from onnx import TensorProto, helper, numpy_helper
 
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for i in node.input:
-            consumers.setdefault(i, []).append(node)
+    made_by = producers(graph)
+    uses = consumers(graph)
     rewired = 0
     extra: dict[str, list] = {}  # grad node name -> recompute nodes to place before it
     for name, qt in quant.items():
-        if qt.gather:
+        if not qt.linear:
             continue
         chain = [n for n in graph.node if n.name.startswith(f"{name}/dq/")]
-        if not chain or producers.get(name) not in chain:
+        if not chain or made_by.get(name) not in chain:
             continue
-        for t in consumers.get(name, []):
+        for t in uses.get(name, []):
             perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), [1, 0])
             if t.op_type != "Transpose" or perm != [1, 0]:
                 continue
-            for g in consumers.get(t.output[0], []):
+            for g in uses.get(t.output[0], []):
                 trans_b = next((a for a in g.attribute if a.name == "transB"), None)
                 if g.op_type != "FusedMatMul" or g.domain != "com.microsoft" or trans_b is None or trans_b.i != 1:
                     continue
@@ -379,7 +379,7 @@ def recompute_in_backward(graph, quant: dict[str, QuantTensor]) -> int:
                     clone.name = f"{tag}/{n.name}"
                     clone.input[:] = [head if i == qt.data_input else i for i in clone.input]
                     clone.input[:] = [
-                        rename.get(i, f"{tag}/{i}" if producers.get(i) in chain else i) for i in clone.input
+                        rename.get(i, f"{tag}/{i}" if made_by.get(i) in chain else i) for i in clone.input
                     ]
                     clone.output[:] = [rename.get(o, f"{tag}/{o}") for o in n.output]
                     nodes.append(clone)

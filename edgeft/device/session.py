@@ -1,0 +1,94 @@
+"""One way to open any graph of a bundle with onnxruntime: providers, threads, options.
+
+Plain onnxruntime (>= 1.20) runs every graph; the host venv's training build (1.19) runs the same
+graphs. Provider resolution lives here only (``edgeft.profiles`` maps profiles to preferences).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgeft.errors import EdgeftError
+
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "dml": "DmlExecutionProvider",
+}
+
+
+def onnxruntime():
+    """The onnxruntime module with its log noise turned down to errors."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+    return ort
+
+
+@dataclass
+class SessionConfig:
+    """How a session is opened; benchmarks pass overrides here instead of patching module globals."""
+
+    provider: str | None = None  # an execution provider name or alias; None = best available
+    threads: int | None = None  # intra-op threads; None = onnxruntime's default (all cores)
+    deterministic: bool = True
+    mem_pattern: bool = True
+    disabled_optimizers: list[str] = field(default_factory=list)
+    config_entries: dict[str, str] = field(default_factory=dict)  # SessionOptions.add_session_config_entry
+
+
+def provider_name(requested: str) -> str:
+    return requested if requested.endswith("ExecutionProvider") else PROVIDER_ALIASES.get(requested.lower(), requested)
+
+
+def resolve_providers(requested: str | None) -> list[str]:
+    """``requested`` (plus the CPU fallback) if this onnxruntime has it, else CPU with a message;
+    without a request, CUDA when available, then CPU."""
+    available = onnxruntime().get_available_providers()
+    if requested:
+        name = provider_name(requested)
+        if name in available:
+            return [name, "CPUExecutionProvider"] if name != "CPUExecutionProvider" else [name]
+        print(
+            f"edgeft: provider {requested} is not available here ({', '.join(available)}); using CPU", file=sys.stderr
+        )
+        return ["CPUExecutionProvider"]
+    return [p for p in ("CUDAExecutionProvider",) if p in available] + ["CPUExecutionProvider"]
+
+
+def session_options(cfg: SessionConfig):
+    ort = onnxruntime()
+    opts = ort.SessionOptions()
+    if cfg.threads:
+        opts.intra_op_num_threads = cfg.threads
+    opts.inter_op_num_threads = 1
+    opts.use_deterministic_compute = cfg.deterministic
+    opts.enable_mem_pattern = cfg.mem_pattern
+    opts.log_severity_level = 3
+    for key, value in cfg.config_entries.items():
+        opts.add_session_config_entry(key, value)
+    return opts
+
+
+def open_session(path: Path, cfg: SessionConfig):
+    """An InferenceSession over ``path`` (external data resolved next to it)."""
+    ort = onnxruntime()
+    try:
+        return ort.InferenceSession(
+            str(path),
+            session_options(cfg),
+            providers=resolve_providers(cfg.provider),
+            disabled_optimizers=cfg.disabled_optimizers or None,
+        )
+    except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+        raise EdgeftError(f"{path}: onnxruntime {ort.__version__} cannot load this graph ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
