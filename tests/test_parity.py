@@ -120,6 +120,8 @@ def test_training_steps_match_torch_adamw(factory, tmp_path, model_type):
     data = tmp_path / "data.jsonl"
     data.write_text("".join(line for line in (DATA / "train.jsonl").open().readlines()[:6]))
     got = edgeft_training(path, data, tmp_path / "run")
+    norms = json.loads((tmp_path / "run" / "summary.json").read_text())["grad_norms"]
+    assert len(norms) == 3 and max(norms) > 1.0, norms  # clip_grad_norm_(1.0) engaged: clipping is compared too
 
     ref = torch_reference_training(model_dir, path, data)
     assert set(got) == set(ref)

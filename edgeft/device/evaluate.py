@@ -33,9 +33,8 @@ class EvalConfig:
 def evaluate(cfg: EvalConfig) -> dict:
     """``{"loss": mean over loss-bearing tokens, "perplexity": exp(loss), "tokens": count}``."""
     from edgeft.device.adapter import load_adapter
-    from edgeft.device.runtime import LoraGraphs
+    from edgeft.device.runtime import LoraGraphs, graph_session
     from edgeft.device.tokenizer import BundleTokenizer
-    from edgeft.device.train import training_session
     from edgeft.profiles import runtime_settings
 
     if cfg.batch_size < 1:
@@ -45,7 +44,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     examples = load_examples(cfg.data, tok, bundle.seq_len(cfg.max_seq_len), truncate=cfg.truncate)
     adapter = cfg.adapter or bundle.path(bundle.manifest["lora"]["init_adapter"])
     settings = runtime_settings(cfg.profile, "train", cfg.threads)  # eval runs where training runs
-    model = LoraGraphs(bundle, training_session(settings))
+    model = LoraGraphs(bundle, graph_session(settings.provider, settings.threads))
     loss, tokens = mean_loss(model, load_adapter(adapter, bundle), examples, cfg.batch_size, tok.pad_token_id)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": tokens}
 

@@ -5,8 +5,10 @@ trainable tensors; the frozen weights are external data in ``weights.safetensors
 hidden parameter state: the caller owns the LoRA dict (updated in place by AdamW), sums
 micro-batch gradients and steps the optimizer — mlx-lm's split of value_and_grad and update.
 
-Each session runs through one IOBinding. On CPU the LoRA OrtValues wrap the caller's numpy arrays
-and the gradient outputs are bound to preallocated numpy arrays, so neither is copied per step.
+Both sessions read the frozen weights from one read-only mapping of weights.safetensors
+(``edgeft.device.weights``). Each session runs through one IOBinding: on CPU the LoRA OrtValues wrap
+the caller's numpy arrays and the gradient outputs are bound to preallocated numpy arrays, so
+neither is copied per step.
 """
 
 from __future__ import annotations
@@ -18,6 +20,24 @@ import numpy as np
 from edgeft.bundle import GRAPH_INPUTS, Bundle
 from edgeft.device.data import Batch
 from edgeft.device.session import SessionConfig, onnxruntime, open_session
+from edgeft.device.weights import BundleWeights
+
+
+def graph_session(provider: str | None = None, threads: int | None = None) -> SessionConfig:
+    """Session options of the training and eval graphs, all for memory (numerics unchanged):
+    - no constant folding: it would fold Transpose(W) and the dequantization of quantized weights
+      into new float32 copies of every weight (measured: +390 MB on a 364 MB model);
+    - no pre-packing: MLAS would keep packed copies of the weights for the forward and the backward
+      (+480 MB on that model);
+    - no memory pattern: it pre-plans one block per input shape (+1 GB at batch 4 x seq 512 on a
+      160M-parameter model, no speed gain; benchmarks/RESULTS.md)."""
+    return SessionConfig(
+        provider=provider,
+        threads=threads,
+        mem_pattern=False,
+        disabled_optimizers=["ConstantFolding"],
+        config_entries={"session.disable_prepacking": "1"},
+    )
 
 
 class LoraGraphs:
@@ -25,17 +45,18 @@ class LoraGraphs:
 
     def __init__(self, bundle: Bundle, session: SessionConfig | None = None):
         self.bundle = bundle
-        self.config = session or SessionConfig()
+        self.config = session or graph_session()
+        self.weights = BundleWeights(bundle)  # one mapping shared by both sessions
         self.names = [p["onnx"] for p in bundle.trainable]
         self._gradients = bundle.manifest["graphs"]["training"]["gradients"]
 
     @cached_property
     def _training(self) -> _Bound:
-        return _Bound(self.bundle, "training", self.config)
+        return _Bound(self.bundle, "training", self.config, self.weights)
 
     @cached_property
     def _eval(self) -> _Bound:
-        return _Bound(self.bundle, "eval", self.config)
+        return _Bound(self.bundle, "eval", self.config, self.weights)
 
     def loss(self, lora: dict[str, np.ndarray], batch: Batch, denominator: float) -> float:
         """Sum of the batch's token cross-entropies / ``denominator`` (eval graph: no dropout)."""
@@ -54,9 +75,10 @@ class LoraGraphs:
 class _Bound:
     """One session with its IOBinding, LoRA OrtValues and preallocated outputs."""
 
-    def __init__(self, bundle: Bundle, graph: str, config: SessionConfig):
+    def __init__(self, bundle: Bundle, graph: str, config: SessionConfig, weights: BundleWeights):
         entry = bundle.manifest["graphs"][graph]
-        self.session = open_session(bundle.path(entry["file"]), config)
+        shared = weights.values if config.provider in (None, "cpu", "CPUExecutionProvider") else None
+        self.session = open_session(bundle.path(entry["file"]), config, shared)
         self.binding = self.session.io_binding()
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.inputs = entry["inputs"]

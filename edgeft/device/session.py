@@ -75,13 +75,17 @@ def session_options(cfg: SessionConfig):
     return opts
 
 
-def open_session(path: Path, cfg: SessionConfig):
-    """An InferenceSession over ``path`` (external data resolved next to it)."""
+def open_session(path: Path, cfg: SessionConfig, initializers: dict | None = None):
+    """An InferenceSession over ``path``. ``initializers`` ({name: CPU OrtValue}) replace the graph's
+    external-data initializers of those names with memory the caller owns and may share."""
     ort = onnxruntime()
+    opts = session_options(cfg)
+    for name, value in (initializers or {}).items():
+        opts.add_initializer(name, value)
     try:
         return ort.InferenceSession(
             str(path),
-            session_options(cfg),
+            opts,
             providers=resolve_providers(cfg.provider),
             disabled_optimizers=cfg.disabled_optimizers or None,
         )

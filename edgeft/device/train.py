@@ -27,8 +27,7 @@ from edgeft.device.data import Batch, Example, load_examples, make_batches
 from edgeft.device.evaluate import mean_loss
 from edgeft.device.optim import AdamW, linear_schedule
 from edgeft.device.planner import available_memory_mb, peak_rss_mb, plan
-from edgeft.device.runtime import LoraGraphs
-from edgeft.device.session import SessionConfig
+from edgeft.device.runtime import LoraGraphs, graph_session
 from edgeft.device.tokenizer import BundleTokenizer
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_write_json, fsync_dir, fsync_tree, is_disk_full, sha256_file
@@ -84,13 +83,6 @@ def train(cfg: TrainConfig) -> dict:
     check_memory(bundle, cfg.batch_size, batch_seq, settings.memory_budget_mb)
     run = _Run(cfg, bundle, tok, examples, settings)
     return run.execute(evals)
-
-
-def training_session(settings: RuntimeSettings) -> SessionConfig:
-    """Session options of the training and eval graphs: no memory pattern. ORT pre-plans one block
-    per input shape; at batch 4 x seq 512 on a 160M-parameter model that raised peak RSS by ~1 GB
-    (13 %) for no speed gain (benchmarks/RESULTS.md). Numerics are unchanged."""
-    return SessionConfig(provider=settings.provider, threads=settings.threads, mem_pattern=False)
 
 
 def check_memory(bundle: Bundle, batch_size: int, seq_len: int, budget_mb: float | None) -> None:
@@ -151,6 +143,7 @@ class _Run:
         opt = bundle.manifest["optimizer"]
         self.optim = AdamW(tuple(opt["betas"]), opt["eps"], opt["weight_decay"], opt["max_grad_norm"])
         self.pos, self.step, self.losses, self.tokens, self.seconds = _Position(), 0, [], 0, 0.0
+        self.grad_norms: list[float] = []  # pre-clip, per step (clipping engages above max_grad_norm)
         self.fingerprint = self._fingerprint()
         self._batches: tuple[int, list[Batch]] | None = None
 
@@ -178,7 +171,7 @@ class _Run:
         if lora is None:
             lora = load_adapter(self.bundle.path(self.bundle.manifest["lora"]["init_adapter"]), self.bundle)
         self.lora = {n: np.array(lora[n], np.float32) for n in lora}  # owned here, updated in place
-        model = LoraGraphs(self.bundle, training_session(self.settings))
+        model = LoraGraphs(self.bundle, graph_session(self.settings.provider, self.settings.threads))
         before = mean_loss(model, self.lora, evals, self.cfg.batch_size, self.pad)[0] if evals else None
         self._loop(model)
         after = mean_loss(model, self.lora, evals, self.cfg.batch_size, self.pad)[0] if evals else None
@@ -203,6 +196,7 @@ class _Run:
             self.seconds += time.perf_counter() - t0
             self.step += 1
             self.losses.append(loss)
+            self.grad_norms.append(self.optim.last_grad_norm)
             self.tokens += ntok
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tokens / max(self.seconds, 1e-9):.0f}", refresh=False)
@@ -264,6 +258,7 @@ class _Run:
                 "step": self.step,
                 "position": asdict(self.pos),
                 "losses": self.losses,
+                "grad_norms": self.grad_norms,
                 "tokens": self.tokens,
                 "seconds": self.seconds,
                 "config": self.fingerprint,
@@ -308,6 +303,7 @@ class _Run:
             state["tokens"],
             state["seconds"],
         )
+        self.grad_norms = state.get("grad_norms", [])
         self.pos = _Position(**state["position"])
         self.optim.load_state_tensors(load_file(str(ckpt / "optimizer.safetensors")), self.step)
         return load_file(str(ckpt / "lora.safetensors"))
@@ -316,6 +312,7 @@ class _Run:
         summary = {
             "steps": self.step,
             "losses": self.losses,
+            "grad_norms": self.grad_norms,
             "eval_loss_before": before,
             "eval_loss": after,
             "tokens": self.tokens,
