@@ -3,7 +3,8 @@
 A profile names the device's architecture and operating systems, the memory edgeft may plan for,
 its thread count, the ONNX Runtime execution providers to prefer for training and for serving (in
 order), defaults, whether ONNX Runtime training wheels exist for it, and the pip line that sets it
-up. ``choose_providers`` turns a preference list into what a session is given on this machine.
+up. ``edgeft.device.session.choose_providers`` turns a preference list into what a session is given
+on this machine.
 
 Profiles live in the repository's ``devices/`` folder, found next to the ``edgeft`` package (the
 editable install this project uses); any other profile file can be loaded by its path.
@@ -18,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeft.device.session import CPU, choose_providers
 from edgeft.errors import EdgeftError
 
 DEVICES_DIR = Path(__file__).resolve().parents[1] / "devices"
-CPU = "CPUExecutionProvider"
 ARCHES = ("x86_64", "aarch64", "arm64")  # aarch64 and arm64 are one family (Linux vs macOS/Windows name)
 OSES = ("linux", "windows", "macos")
 QUANTIZATIONS = ("none", "int8", "int4")
@@ -269,27 +270,6 @@ def profiles_table(profiles: list[Profile]) -> str:
 
 def _short_providers(names: list[str]) -> str:
     return ", ".join(n.removesuffix("ExecutionProvider") for n in names)
-
-
-# --- provider selection -----------------------------------------------------------------------------
-
-
-def choose_providers(preference: list[str], available: list[str]) -> tuple[list[str], str | None]:
-    """Providers to give ONNX Runtime, and a message when the first preferred one is missing.
-
-    Keeps the available ones of ``preference`` in its order and always ends with the CPU provider
-    (ONNX Runtime places each node on the first provider in the list that supports it).
-    """
-    chosen = [p for p in preference if p in available and p != CPU]
-    chosen.append(CPU)
-    missing = [p for p in preference if p not in available and p != CPU]
-    if not preference or preference[0] in chosen:
-        return chosen, None
-    shown = ", ".join(available) if available else "none"
-    return chosen, (
-        f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not available here "
-        f"(this onnxruntime has: {shown}); using {chosen[0]}"
-    )
 
 
 # --- what a profile sets for a command -------------------------------------------------------------

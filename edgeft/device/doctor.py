@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edgeft.profiles import Profile, arch_family, choose_providers
+from edgeft.device.session import choose_providers
+from edgeft.profiles import Profile, arch_family
 
 _OS_NAMES = {"linux": "linux", "windows": "windows", "darwin": "macos"}
 _MIN_PLAIN_ORT = (1, 20)  # what serving needs without the training build (setup.cfg's serve extra)
