@@ -2,8 +2,10 @@
 
 A profile names the device's architecture and operating systems, the memory edgeft may plan for,
 its thread count, the ONNX Runtime execution providers to prefer for training and for serving (in
-order), defaults, whether ONNX Runtime training wheels exist for it, and the pip line that sets it
-up. ``choose_providers`` turns a preference list into what a session is given on this machine.
+order), defaults, and the pip line that sets up one environment that trains and serves (every
+profile trains: plain onnxruntime >= 1.20 and the vendor builds run the training graphs).
+``edgeft.device.session.choose_providers`` turns a preference list into what a session is given on
+this machine.
 
 Profiles live in the repository's ``devices/`` folder, found next to the ``edgeft`` package (the
 editable install this project uses); any other profile file can be loaded by its path.
@@ -18,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgeft.device.session import CPU, choose_providers
 from edgeft.errors import EdgeftError
 
 DEVICES_DIR = Path(__file__).resolve().parents[1] / "devices"
-CPU = "CPUExecutionProvider"
 ARCHES = ("x86_64", "aarch64", "arm64")  # aarch64 and arm64 are one family (Linux vs macOS/Windows name)
 OSES = ("linux", "windows", "macos")
 QUANTIZATIONS = ("none", "int8", "int4")
@@ -50,18 +52,11 @@ class Profile:
     os: list[str]
     ram_budget_mb: int  # peak memory edgeft may plan for
     threads: int  # 0 = all physical cores
-    training_supported: bool  # ONNX Runtime training wheels exist for this device
-    install: str  # pip line that sets the device up (serving, and training where one env does both)
+    install: str  # pip line that sets up one environment that trains and serves
     providers: Providers
     defaults: Defaults
     notes: str = ""
-    install_train: str | None = None  # pip line for a separate training env, where `install` cannot train
     path: Path | None = field(default=None, compare=False)
-
-    @property
-    def train_install(self) -> str:
-        """The pip line that gives this device a training build."""
-        return self.install_train or self.install
 
 
 def arch_family(arch: str) -> str:
@@ -89,6 +84,8 @@ class _Check:
     def keys(self, table: dict, fld: str, required: set[str], optional: set[str]) -> None:
         where = f" in [{fld}]" if fld else ""
         for key in table:
+            if not fld and key in _REMOVED:
+                raise EdgeftError(f"{self.path}: key '{key}' is no longer used: {_REMOVED[key]}")
             if key not in required | optional:
                 known = ", ".join(sorted(required | optional))
                 raise EdgeftError(f"{self.path}: unknown key '{key}'{where} (known keys: {known})")
@@ -108,11 +105,6 @@ class _Check:
             raise self.fail(fld, f"expected an integer, got {value!r}")
         if value < minimum:
             raise self.fail(fld, f"must be >= {minimum}, got {value}")
-        return value
-
-    def boolean(self, value: Any, fld: str) -> bool:
-        if not isinstance(value, bool):
-            raise self.fail(fld, f"expected true or false, got {value!r}")
         return value
 
     def table(self, value: Any, fld: str) -> dict:
@@ -145,12 +137,15 @@ _TOP_REQUIRED = {
     "os",
     "ram_budget_mb",
     "threads",
-    "training_supported",
     "install",
     "providers",
     "defaults",
 }
-_TOP_OPTIONAL = {"notes", "install_train"}
+_TOP_OPTIONAL = {"notes"}
+_REMOVED = {  # keys of older profiles, refused with what replaced them
+    "training_supported": "every profile trains now (plain onnxruntime >= 1.20 runs the training graphs); delete it",
+    "install_train": "'install' sets up one environment that trains and serves; delete it",
+}
 
 
 def parse_profile(data: dict, path: Path) -> Profile:
@@ -167,18 +162,12 @@ def parse_profile(data: dict, path: Path) -> Profile:
     c.keys(providers, "providers", {"train", "serve"}, set())
     train = c.providers(providers["train"], "providers.train")
     serve = c.providers(providers["serve"], "providers.serve")
-    if not serve:
-        raise c.fail("providers.serve", "must list at least one provider (e.g. CPUExecutionProvider)")
+    for fld, names in (("providers.train", train), ("providers.serve", serve)):
+        if not names:
+            raise c.fail(fld, "must list at least one provider (e.g. CPUExecutionProvider)")
 
     defaults = c.table(data["defaults"], "defaults")
     c.keys(defaults, "defaults", {"max_seq_len", "quantization"}, set())
-
-    training = c.boolean(data["training_supported"], "training_supported")
-    notes = c.string(data["notes"], "notes") if "notes" in data else ""
-    if training and not train:
-        raise c.fail("providers.train", "is empty but training_supported = true")
-    if not training and not notes:
-        raise c.fail("notes", "a serve-only profile (training_supported = false) must say why in notes")
 
     return Profile(
         name=name,
@@ -187,15 +176,13 @@ def parse_profile(data: dict, path: Path) -> Profile:
         os=_non_empty(c, c.strings(data["os"], "os", OSES), "os"),
         ram_budget_mb=c.integer(data["ram_budget_mb"], "ram_budget_mb", 1),
         threads=c.integer(data["threads"], "threads", 0),
-        training_supported=training,
         install=c.string(data["install"], "install"),
         providers=Providers(train=train, serve=serve),
         defaults=Defaults(
             max_seq_len=c.integer(defaults["max_seq_len"], "defaults.max_seq_len", 1),
             quantization=c.string(defaults["quantization"], "defaults.quantization", QUANTIZATIONS),
         ),
-        notes=notes,
-        install_train=c.string(data["install_train"], "install_train") if "install_train" in data else None,
+        notes=c.string(data["notes"], "notes") if "notes" in data else "",
         path=path,
     )
 
@@ -249,47 +236,16 @@ def list_profiles() -> list[Profile]:
 
 
 def profiles_table(profiles: list[Profile]) -> str:
-    """A plain-text table: name, arch, OS, training yes/no, train and serve providers."""
+    """A plain-text table: name, arch, OS, train and serve providers (in order of preference)."""
     short = _short_providers
-    rows = [("NAME", "ARCH", "OS", "TRAIN", "TRAIN PROVIDERS", "SERVE PROVIDERS")]
-    rows += [
-        (
-            p.name,
-            p.arch,
-            ",".join(p.os),
-            "yes" if p.training_supported else "no",
-            short(p.providers.train) if p.training_supported else "-",
-            short(p.providers.serve),
-        )
-        for p in profiles
-    ]
+    rows = [("NAME", "ARCH", "OS", "TRAIN ON", "SERVE ON")]
+    rows += [(p.name, p.arch, ",".join(p.os), short(p.providers.train), short(p.providers.serve)) for p in profiles]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows)
 
 
 def _short_providers(names: list[str]) -> str:
     return ", ".join(n.removesuffix("ExecutionProvider") for n in names)
-
-
-# --- provider selection -----------------------------------------------------------------------------
-
-
-def choose_providers(preference: list[str], available: list[str]) -> tuple[list[str], str | None]:
-    """Providers to give ONNX Runtime, and a message when the first preferred one is missing.
-
-    Keeps the available ones of ``preference`` in its order and always ends with the CPU provider
-    (ONNX Runtime places each node on the first provider in the list that supports it).
-    """
-    chosen = [p for p in preference if p in available and p != CPU]
-    chosen.append(CPU)
-    missing = [p for p in preference if p not in available and p != CPU]
-    if not preference or preference[0] in chosen:
-        return chosen, None
-    shown = ", ".join(available) if available else "none"
-    return chosen, (
-        f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not available here "
-        f"(this onnxruntime has: {shown}); using {chosen[0]}"
-    )
 
 
 # --- what a profile sets for a command -------------------------------------------------------------
@@ -317,8 +273,6 @@ def runtime_settings(
     if profile_name is None:
         return RuntimeSettings(threads, provider, memory_budget_mb, None)
     profile = load_profile(profile_name)
-    if role == "train" and not profile.training_supported:
-        raise EdgeftError(f"profile {profile.name}: training is not supported on this device ({profile.notes.strip()})")
     if provider is None:
         preference = profile.providers.train if role == "train" else profile.providers.serve
         chosen, message = choose_providers(preference, _available_providers())

@@ -16,18 +16,20 @@ from conftest import ROOT
 
 from edgeft.cli import main
 from edgeft.device import doctor
+from edgeft.device.session import CPU, choose_providers
 from edgeft.errors import EdgeftError
 from edgeft.profiles import (
-    CPU,
     DEVICES_DIR,
     Profile,
     arch_family,
-    choose_providers,
     list_profiles,
     load_profile,
+    runtime_settings,
 )
 
 PROFILES = sorted((ROOT / "devices").glob("*.toml"))
+ARM64 = [p for p in PROFILES if arch_family(load_profile(p).arch) == "arm64"]
+CUDA = "CUDAExecutionProvider"
 REQUIRED = {
     "x86_64-cpu",
     "x86_64-cuda",
@@ -54,26 +56,45 @@ def test_profile_loads_and_is_consistent(path):
     p = load_profile(path.stem)
     assert isinstance(p, Profile) and p.name == path.stem and p.path == path
     assert load_profile(path) == p  # by path too
-    assert p.providers.serve and p.providers.serve[-1] == CPU
     for providers in (p.providers.train, p.providers.serve):
+        assert providers and providers[-1] == CPU  # every profile trains and serves, CPU closing the list
         assert all(name.endswith("ExecutionProvider") for name in providers)
-    if p.training_supported:
-        assert p.providers.train and p.providers.train[-1] == CPU
-        assert "edgeft[device]" in p.train_install
-    else:
-        assert p.notes and "serve" in p.notes.lower()
-    # No onnxruntime-training wheels exist for Linux aarch64 or Windows arm64.
-    if arch_family(p.arch) == "arm64" and p.os != ["macos"]:
-        assert not p.training_supported
-    assert p.install.startswith("pip install")
+    # Training runs on the CPU provider, or on CUDA where the profile installs onnxruntime-gpu.
+    assert p.providers.train in ([CPU], [CUDA, CPU])
+    assert (p.providers.train[0] == CUDA) == ("edgeft[device-gpu]" in p.install)
+    # One environment trains and serves: a plain or vendor onnxruntime build, never the host's
+    # training build, and never two builds of the `onnxruntime` module at once.
+    assert p.install.startswith("pip install ") and "&&" not in p.install
+    assert "onnxruntime-training" not in p.install
+    vendor = [w for w in p.install.replace("'", " ").split() if "onnxruntime" in w]
+    assert ("edgeft[device" in p.install) != bool(vendor), p.install
+
+
+@pytest.mark.parametrize("path", ARM64, ids=lambda p: p.stem)
+def test_arm64_profile_trains(path):
+    """Plain onnxruntime >= 1.20 has aarch64/arm64 wheels and runs the training graphs: the
+    aarch64 profiles (once serve-only) train, in the environment their install line sets up."""
+    p = load_profile(path)
+    assert p.providers.train and p.providers.train[-1] == CPU
+    assert "onnxruntime-training" not in p.install and "uninstall" not in p.install
+    settings = runtime_settings(p.name, "train")  # refused a training run before
+    assert settings.provider in p.providers.train
+    assert settings.memory_budget_mb == p.ram_budget_mb
+
+
+def test_the_aarch64_profiles_are_there():
+    assert {"raspberry-pi-5", "jetson-orin", "qualcomm-qnn", "apple-silicon"} <= {p.stem for p in ARM64}
 
 
 def test_list_profiles_and_providers():
     profiles = {p.name: p for p in list_profiles()}
     assert set(profiles) == {p.stem for p in PROFILES}
-    assert profiles["x86_64-cuda"].providers.train[0] == "CUDAExecutionProvider"
-    assert profiles["jetson-orin"].providers.serve[0] == "CUDAExecutionProvider"
-    assert not profiles["jetson-orin"].training_supported and not profiles["raspberry-pi-5"].training_supported
+    for name in ("x86_64-cuda", "jetson-orin"):
+        assert profiles[name].providers.train == profiles[name].providers.serve == [CUDA, CPU]
+        assert profiles[name].install == "pip install 'edgeft[device-gpu]'"
+    assert profiles["raspberry-pi-5"].providers.train == [CPU]
+    assert profiles["raspberry-pi-5"].install == "pip install 'edgeft[device]'"
+    assert profiles["intel-openvino"].install == "pip install edgeft 'onnxruntime-openvino>=1.20'"
     assert profiles["intel-openvino"].providers.serve[0] == "OpenVINOExecutionProvider"
     assert profiles["qualcomm-qnn"].providers.serve[0] == "QNNExecutionProvider"
     assert profiles["apple-silicon"].providers.serve[0] == "CoreMLExecutionProvider"
@@ -111,7 +132,6 @@ def _good() -> dict:
         "os": ["linux"],
         "ram_budget_mb": 1024,
         "threads": 0,
-        "training_supported": True,
         "install": "pip install 'edgeft[device]'",
         "providers": {"train": [CPU], "serve": [CPU]},
         "defaults": {"max_seq_len": 128, "quantization": "none"},
@@ -126,7 +146,7 @@ def _write(tmp_path: Path, data: dict) -> Path:
 
 def test_a_valid_custom_profile_loads(tmp_path):
     p = load_profile(_write(tmp_path, _good()))
-    assert p.name == "bad" and p.ram_budget_mb == 1024 and p.install_train is None
+    assert p.name == "bad" and p.ram_budget_mb == 1024 and p.providers.train == [CPU]
 
 
 def test_export_takes_length_and_quantization_from_the_profile(factory, tmp_path):
@@ -170,14 +190,15 @@ INVALID = {
     "bad provider name": ("providers.serve", ["CUDA", CPU], "providers.serve"),
     "CPU not last": ("providers.serve", [CPU, "CUDAExecutionProvider"], "providers.serve"),
     "empty serve providers": ("providers.serve", [], "providers.serve"),
-    "training without providers": ("providers.train", [], "providers.train"),
-    "training flag not bool": ("training_supported", "yes", "training_supported"),
+    "empty train providers": ("providers.train", [], "providers.train"),
+    "train CPU not last": ("providers.train", [CPU, "CUDAExecutionProvider"], "providers.train"),
+    "removed training flag": ("training_supported", False, "training_supported"),
+    "removed training install": ("install_train", "pip install 'edgeft[device]'", "install_train"),
     "missing required key": ("install", _DELETE, "install"),
     "missing nested key": ("defaults.max_seq_len", _DELETE, "defaults.max_seq_len"),
     "bad quantization": ("defaults.quantization", "fp8", "defaults.quantization"),
     "unknown os": ("os", ["android"], "os"),
     "name not the file's": ("name", "other", "name"),
-    "serve-only without notes": ("training_supported", False, "notes"),
 }
 
 
@@ -189,6 +210,8 @@ def test_invalid_profile_names_file_and_field(tmp_path, case):
         load_profile(path)
     message = str(err.value)
     assert str(path) in message and field in message, message
+    if "removed" in case:  # says what replaced it
+        assert "no longer used" in message and "delete it" in message, message
 
 
 def test_not_toml(tmp_path):
@@ -215,7 +238,7 @@ def test_missing_profile_file(tmp_path):
 
 
 def test_choose_providers():
-    cuda, dml = "CUDAExecutionProvider", "DmlExecutionProvider"
+    cuda, dml = CUDA, "DmlExecutionProvider"
     assert choose_providers([cuda, CPU], [cuda, CPU]) == ([cuda, CPU], None)
     assert choose_providers([CPU], [CPU]) == ([CPU], None)
     assert choose_providers([cuda], [cuda, CPU]) == ([cuda, CPU], None)  # CPU always closes the list
@@ -224,6 +247,26 @@ def test_choose_providers():
     chosen, message = choose_providers([cuda, dml, CPU], [dml, CPU])  # second choice is there
     assert chosen == [dml, CPU] and cuda in message and f"using {dml}" in message
     assert choose_providers([], [CPU]) == ([CPU], None)
+
+
+def test_resolve_providers_goes_through_choose_providers(monkeypatch, capsys):
+    """`--provider` resolution (session.py) and profiles share choose_providers; what it returns and
+    says did not change."""
+    from edgeft.device import session
+
+    class Ort:
+        available = [CPU]
+
+        def get_available_providers(self):
+            return list(self.available)
+
+    monkeypatch.setattr(session, "onnxruntime", lambda: Ort())
+    assert session.resolve_providers("cuda") == [CPU]
+    assert capsys.readouterr().err == f"edgeft: provider cuda is not available here ({CPU}); using CPU\n"
+    assert session.resolve_providers("cpu") == [CPU] and session.resolve_providers(None) == [CPU]
+    Ort.available = [CUDA, CPU]
+    assert session.resolve_providers("cuda") == [CUDA, CPU] == session.resolve_providers(None)
+    assert session.resolve_providers(CPU) == [CPU] and capsys.readouterr().err == ""
 
 
 # --- `edgeft devices` and the doctor -----------------------------------------------------------------
@@ -239,15 +282,25 @@ def _installed_ort() -> str | None:
     return None
 
 
+def _trains(distribution: str, version: str) -> bool:
+    """The rule, restated: a plain or vendor build >= 1.20, or the host's training build 1.19."""
+    major, minor = (int(x) for x in version.split(".")[:2])
+    if distribution.startswith("onnxruntime-training"):
+        return (major, minor) >= (1, 19)
+    return (major, minor) >= (1, 20)
+
+
 def test_devices_lists_profiles():
     result = CliRunner().invoke(main, ["devices"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0].split()[:4] == ["NAME", "ARCH", "OS", "TRAIN"]
-    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert lines[0].split() == ["NAME", "ARCH", "OS", "TRAIN", "ON", "SERVE", "ON"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[1:]}
     assert set(rows) == {p.stem for p in PROFILES}
-    assert rows["raspberry-pi-5"][1:4] == ["aarch64", "linux", "no"]
-    assert rows["x86_64-cuda"][3] == "yes" and "CUDA," in rows["x86_64-cuda"]
+    assert rows["raspberry-pi-5"] == ["aarch64", "linux", "CPU", "CPU"]
+    assert rows["jetson-orin"] == ["aarch64", "linux", "CUDA,", "CPU", "CUDA,", "CPU"]
+    assert rows["qualcomm-qnn"] == ["arm64", "windows,linux", "CPU", "QNN,", "CPU"]
+    assert rows["x86_64-cuda"][2:] == ["CUDA,", "CPU", "CUDA,", "CPU"]
 
 
 def test_devices_check_json_matches_this_machine():
@@ -260,7 +313,8 @@ def test_devices_check_json_matches_this_machine():
     assert o["distribution"] == _installed_ort()
     assert o["version"] == importlib.metadata.version(o["distribution"])
     assert o["flavour"] == ("training" if "training" in o["distribution"] else "inference")
-    assert report["training_possible"] == (importlib.util.find_spec("onnxruntime.training") is not None)
+    assert report["training_possible"] is _trains(o["distribution"], o["version"])
+    assert f"{o['distribution']} {o['version']}" in report["training_note"]
     assert CPU in o["providers"]
     if Path("/proc/meminfo").exists():
         total_kb = int(Path("/proc/meminfo").read_text().split("MemTotal:")[1].split()[0])
@@ -275,9 +329,11 @@ def test_devices_check_with_profile():
 
     available = onnxruntime.get_available_providers()
     assert "profile      x86_64-cuda" in result.output
-    if "CUDAExecutionProvider" not in available:
-        assert "serve with   CPUExecutionProvider" in result.output
-        assert "CUDAExecutionProvider is not available here" in result.output
+    if CUDA not in available:
+        assert "train with   CPUExecutionProvider\nserve with   CPUExecutionProvider" in result.output
+        # Training and serving prefer CUDA alike: one warning says so, for both.
+        assert "training and serving: CUDAExecutionProvider is not available here" in result.output
+        assert result.output.count("CUDAExecutionProvider is not available here") == 1
 
 
 def test_devices_check_unknown_profile_is_one_line():
@@ -290,6 +346,7 @@ def test_doctor_warns_on_mismatch_and_memory(tmp_path):
     data = _good()
     data["ram_budget_mb"] = 10**9
     data["arch"] = "x86_64" if arch_family(platform.machine()) == "arm64" else "arm64"
+    data["providers"] = {"train": [CUDA, CPU], "serve": [CPU]}
     report = doctor.check(load_profile(_write(tmp_path, data)))
     text = "\n".join(report["warnings"])
     assert f"plans for up to {10**9} MB" in text
@@ -298,27 +355,145 @@ def test_doctor_warns_on_mismatch_and_memory(tmp_path):
     assert report["serve"]["providers"][-1] == CPU
 
 
-def test_doctor_without_onnxruntime(monkeypatch):
-    if arch_family(platform.machine()) != "x86_64" or platform.system() != "Linux":
-        pytest.skip("uses the x86_64 Linux profile's advice")
-    none = {
-        "distribution": None,
-        "distributions": [],
-        "flavour": "none",
-        "version": None,
-        "providers": [],
+def _fake_ort(monkeypatch, distribution=None, version=None, providers=(CPU,), flavour=None, error=None, more=()):
+    """Make the doctor see an onnxruntime that is not the one installed here."""
+    if flavour is None:
+        flavour = "none" if distribution is None else "training" if "training" in distribution else "inference"
+    info = {
+        "distribution": distribution,
+        "distributions": [f"{distribution}=={version}", *more] if distribution else [],
+        "flavour": "broken" if error else flavour,
+        "version": version,
+        "providers": [] if error or not distribution else list(providers),
         "cuda_version": None,
-        "training_api": False,
-        "import_error": None,
+        "import_error": error,
     }
-    monkeypatch.setattr(doctor, "_onnxruntime", lambda: dict(none))
+    monkeypatch.setattr(doctor, "_onnxruntime", lambda: dict(info))
+
+
+def _on_x86_64_linux():
+    if arch_family(platform.machine()) != "x86_64" or platform.system() != "Linux":
+        pytest.skip("uses the advice of profiles for x86_64 Linux")
+
+
+def test_doctor_without_onnxruntime(monkeypatch):
+    _on_x86_64_linux()
+    _fake_ort(monkeypatch)
     report = doctor.check(load_profile("x86_64-cpu"))
     assert report["training_possible"] is False and report["serve"] is None and report["train"] is None
     assert report["warnings"] == [
-        "training: onnxruntime is not installed; to train here: pip install 'edgeft[device]'",
-        "serving: onnxruntime is not installed; to serve here: pip install 'edgeft[device]'",
+        "training and serving: onnxruntime is not installed; to train and serve here: pip install 'edgeft[device]'"
     ]
-    assert "onnxruntime  not installed" in doctor.render(report)
+    text = doctor.render(report)
+    assert "onnxruntime  not installed" in text
+    assert "training     not possible here: onnxruntime is not installed" in text
+    assert "train with   - (see training above)" in text
+
+
+@pytest.mark.parametrize(
+    ("distribution", "version", "possible", "note"),
+    [
+        ("onnxruntime", "1.32.0", True, "onnxruntime 1.32.0"),
+        ("onnxruntime", "1.20.1", True, "onnxruntime 1.20.1"),
+        ("onnxruntime", "1.18.1", False, "onnxruntime 1.18.1 is older than 1.20"),
+        (
+            "onnxruntime",
+            "1.19.2",
+            False,
+            "onnxruntime 1.19.2 is older than 1.20",
+        ),  # plain 1.19 is not the training build
+        ("onnxruntime-openvino", "1.24.1", True, "onnxruntime-openvino 1.24.1"),
+        ("onnxruntime-directml", "1.17.3", False, "onnxruntime-directml 1.17.3 is older than 1.20"),
+        ("onnxruntime-gpu", "1.20.0", True, "onnxruntime-gpu 1.20.0"),
+        ("onnxruntime-training-cpu", "1.19.2", True, "onnxruntime-training-cpu 1.19.2 (the host's training build)"),
+        ("onnxruntime-training", "1.18.0", False, "onnxruntime-training 1.18.0 is older than 1.20"),
+    ],
+)
+def test_training_possible_from_the_installed_onnxruntime(monkeypatch, distribution, version, possible, note):
+    _fake_ort(monkeypatch, distribution, version)
+    report = doctor.check()
+    assert (report["training_possible"], report["training_note"]) == (possible, note)
+    line = next(x for x in doctor.render(report).splitlines() if x.startswith("training "))
+    assert line == f"training     {'possible here with' if possible else 'not possible here:'} {note}"
+    assert (f"training and serving: {note}" in report["warnings"]) is not possible
+
+
+def test_doctor_too_old_onnxruntime_gets_the_profile_line(monkeypatch):
+    _on_x86_64_linux()
+    _fake_ort(monkeypatch, "onnxruntime", "1.18.1")
+    report = doctor.check(load_profile("raspberry-pi-5"))  # not this machine: no pip line
+    assert "training and serving: onnxruntime 1.18.1 is older than 1.20" in report["warnings"]
+    report = doctor.check(load_profile("x86_64-cpu"))
+    assert report["train"] is None and report["serve"] is None
+    assert (
+        "training and serving: onnxruntime 1.18.1 is older than 1.20; to train and serve here: "
+        "pip install 'edgeft[device]'" in report["warnings"]
+    )
+
+
+def test_doctor_broken_onnxruntime(monkeypatch):
+    _on_x86_64_linux()
+    _fake_ort(monkeypatch, "onnxruntime", "1.32.0", error="ImportError: libgomp.so.1: cannot open")
+    report = doctor.check(load_profile("x86_64-cpu"))
+    assert report["training_possible"] is False and report["training_note"] == "onnxruntime 1.32.0 does not import"
+    assert report["warnings"] == [
+        "onnxruntime is installed but does not import: ImportError: libgomp.so.1: cannot open; "
+        "to train and serve here: pip uninstall -y onnxruntime && pip install 'edgeft[device]'"
+    ]
+
+
+def test_doctor_vendor_build_trains_on_cpu_and_serves_on_its_provider(monkeypatch):
+    _on_x86_64_linux()
+    openvino = "OpenVINOExecutionProvider"
+    _fake_ort(monkeypatch, "onnxruntime-openvino", "1.24.1", providers=[openvino, CPU])
+    report = doctor.check(load_profile("intel-openvino"))
+    assert report["training_possible"] is True
+    assert report["train"]["providers"] == [CPU] and report["serve"]["providers"] == [openvino, CPU]
+    assert not [w for w in report["warnings"] if "not available" in w or "pip" in w]
+    # Plain onnxruntime instead: training is fine, serving falls back; the way to OpenVINO replaces it.
+    _fake_ort(monkeypatch, "onnxruntime", "1.32.0")
+    report = doctor.check(load_profile("intel-openvino"))
+    assert report["train"] == {"provider": CPU, "providers": [CPU], "note": None}
+    assert [w for w in report["warnings"] if openvino in w] == [
+        f"serving: {openvino} is not available here (this onnxruntime has: {CPU}); using {CPU}; "
+        f"for {openvino}: pip uninstall -y onnxruntime && pip install edgeft 'onnxruntime-openvino>=1.20'"
+    ]
+
+
+def test_doctor_cuda_profile(monkeypatch):
+    _on_x86_64_linux()
+    _fake_ort(monkeypatch, "onnxruntime-gpu", "1.32.0", providers=[CUDA, CPU])
+    report = doctor.check(load_profile("x86_64-cuda"))
+    assert report["train"]["providers"] == report["serve"]["providers"] == [CUDA, CPU]
+    # Plain onnxruntime: one warning for both roles, and the gpu build in its place.
+    _fake_ort(monkeypatch, "onnxruntime", "1.32.0")
+    report = doctor.check(load_profile("x86_64-cuda"))
+    assert [w for w in report["warnings"] if CUDA in w] == [
+        f"training and serving: {CUDA} is not available here (this onnxruntime has: {CPU}); using {CPU}; "
+        f"for {CUDA}: pip uninstall -y onnxruntime && pip install 'edgeft[device-gpu]'"
+    ]
+    # The host's environment: the advice is a separate environment, not removing its training build.
+    _fake_ort(monkeypatch, "onnxruntime-training-cpu", "1.19.2")
+    report = doctor.check(load_profile("x86_64-cuda"))
+    assert report["train"]["providers"] == [CPU]
+    assert [w for w in report["warnings"] if CUDA in w][0].endswith(
+        f"; for {CUDA}: in a separate environment (this one has the host's onnxruntime-training-cpu): "
+        "pip install 'edgeft[device-gpu]'"
+    )
+
+
+def test_doctor_several_builds(monkeypatch):
+    _on_x86_64_linux()
+    _fake_ort(monkeypatch, "onnxruntime", "1.32.0", more=["onnxruntime-openvino==1.24.1"])
+    report = doctor.check(load_profile("intel-openvino"))
+    assert report["warnings"][0].startswith(
+        "several packages provide the onnxruntime module (onnxruntime==1.32.0, onnxruntime-openvino==1.24.1)"
+    )
+    # The OpenVINO line keeps its own build and removes the plain one.
+    assert any(
+        w.endswith("pip uninstall -y onnxruntime && pip install edgeft 'onnxruntime-openvino>=1.20'")
+        for w in report["warnings"]
+    )
 
 
 # --- the torch-free environments ----------------------------------------------------------------------
@@ -327,31 +502,47 @@ PROBE = """
 import json, sys
 from edgeft.device.doctor import check
 from edgeft.profiles import load_profile
-report = check(load_profile("x86_64-cpu"))
+report = check(load_profile("raspberry-pi-5"))
 print(json.dumps({
     "training_possible": report["training_possible"],
     "distribution": report["onnxruntime"]["distribution"],
+    "version": report["onnxruntime"]["version"],
+    "train": report["train"]["providers"],
     "serve": report["serve"]["providers"],
     "torch": "torch" in sys.modules,
 }))
 """
 
-VENVS = {
-    "device": (os.environ.get("EDGEFT_DEVICE_VENV"), True, "onnxruntime-training-cpu"),
-    "serve": (os.environ.get("EDGEFT_SERVE_VENV"), False, "onnxruntime"),
+VENVS = {  # both are plain onnxruntime, which trains: the newest release and the oldest supported one
+    "EDGEFT_DEVICE_VENV": lambda version: _trains("onnxruntime", version),
+    "EDGEFT_OLD_DEVICE_VENV": lambda version: version.startswith("1.20."),
 }
 
 
-@pytest.mark.parametrize("kind", VENVS)
-def test_check_in_torch_free_venv(kind):
-    venv, trains, distribution = VENVS[kind]
+@pytest.mark.parametrize("variable", VENVS)
+def test_check_in_torch_free_venv(variable):
+    venv = os.environ.get(variable)
     if not venv:
-        pytest.skip(f"EDGEFT_{kind.upper()}_VENV not set (make test sets it)")
+        pytest.skip(f"{variable} not set (make test sets it)")
     bin_dir = Path(venv) / "bin"
     probe = subprocess.run([str(bin_dir / "python"), "-c", PROBE], capture_output=True, text=True, timeout=120)
     assert probe.returncode == 0, probe.stderr
     got = json.loads(probe.stdout.strip().splitlines()[-1])
-    assert got == {"training_possible": trains, "distribution": distribution, "serve": [CPU], "torch": False}
-    cli = subprocess.run([str(bin_dir / "edgeft"), "devices", "check"], capture_output=True, text=True, timeout=120)
+    version = got.pop("version")
+    assert VENVS[variable](version), version
+    assert got == {
+        "training_possible": True,
+        "distribution": "onnxruntime",
+        "train": [CPU],
+        "serve": [CPU],
+        "torch": False,
+    }
+    cli = subprocess.run(
+        [str(bin_dir / "edgeft"), "devices", "check", "--profile", "raspberry-pi-5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert cli.returncode == 0, cli.stderr
-    assert ("training     possible here" in cli.stdout) is trains
+    assert f"training     possible here with onnxruntime {version}\n" in cli.stdout
+    assert "train with   CPUExecutionProvider\nserve with   CPUExecutionProvider" in cli.stdout

@@ -1,9 +1,14 @@
 """``edgeft devices check``: what this machine is, which ONNX Runtime it has, what a profile gets here.
 
 Reads only what is cheap and safe: platform, /proc and /sys on Linux, package metadata, and the
-``onnxruntime`` module itself. ``onnxruntime.training`` is looked up with find_spec, never imported
-(its ``__init__`` imports torch). Note that the training build's own ``import onnxruntime`` tries
-``onnxruntime.training.ortmodule``, which loads torch wherever torch happens to be installed.
+``onnxruntime`` module itself (never ``onnxruntime.training``). Note that the host's training build's
+own ``import onnxruntime`` tries ``onnxruntime.training.ortmodule``, which loads torch wherever torch
+happens to be installed.
+
+Training is possible where ``onnxruntime`` imports and is a plain or vendor build (any distribution
+but ``onnxruntime-training*``) of version 1.20 or later, or the host's ``onnxruntime-training*`` 1.19
+build: all of them run the bundle's training graphs, so one environment trains and serves. Serving
+needs the same, so the report says ``training_possible`` once for both.
 """
 
 from __future__ import annotations
@@ -17,24 +22,28 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from edgeft.profiles import Profile, arch_family, choose_providers
+from edgeft.device.session import choose_providers
+from edgeft.profiles import Profile, arch_family
 
 _OS_NAMES = {"linux": "linux", "windows": "windows", "darwin": "macos"}
-_MIN_PLAIN_ORT = (1, 20)  # what serving needs without the training build (setup.cfg's serve extra)
+_MIN_ORT = (1, 20)  # setup.cfg's device extras: plain onnxruntime and its vendor builds
+_TRAINING_BUILD = (1, 19)  # the host extra's onnxruntime-training-cpu, which runs the same graphs
 
 
 def check(profile: Profile | None = None) -> dict[str, Any]:
     """A JSON-ready report on this machine and, given a profile, what that profile gets here."""
     machine = _machine()
     ort = _onnxruntime()
+    possible, why = _training(ort)
     report: dict[str, Any] = {
         "machine": machine,
         "onnxruntime": ort,
-        "training_possible": ort["training_api"],
+        "training_possible": possible,
+        "training_note": why,  # the onnxruntime that trains, or why none does
         "profile": None,
         "train": None,
         "serve": None,
-        "warnings": _general_warnings(machine, ort),
+        "warnings": _general_warnings(machine, ort, possible, why),
     }
     if profile is not None:
         _with_profile(report, profile)
@@ -154,7 +163,6 @@ def _onnxruntime() -> dict[str, Any]:
         "version": dists[0][1] if dists else None,
         "providers": [],
         "cuda_version": None,
-        "training_api": False,
         "import_error": None,
     }
     if importlib.util.find_spec("onnxruntime") is None:
@@ -168,12 +176,27 @@ def _onnxruntime() -> dict[str, Any]:
     info["version"] = getattr(ort, "__version__", info["version"])
     info["providers"] = list(ort.get_available_providers())
     info["cuda_version"] = getattr(ort, "cuda_version", None) or None
-    # The on-device training API: the training package on disk (not imported) and its C++ Module.
-    state = getattr(getattr(ort, "capi", None), "_pybind_state", None)
-    info["training_api"] = importlib.util.find_spec("onnxruntime.training") is not None and hasattr(state, "Module")
-    name = (info["distribution"] or "").lower().replace("_", "-")
-    info["flavour"] = "training" if name.startswith("onnxruntime-training") or info["training_api"] else "inference"
+    info["flavour"] = "training" if _is_training_build(info["distribution"]) else "inference"
     return info
+
+
+def _is_training_build(distribution: str | None) -> bool:
+    return (distribution or "").lower().replace("_", "-").startswith("onnxruntime-training")
+
+
+def _training(ort: dict) -> tuple[bool, str]:
+    """Whether this onnxruntime trains (and serves) edgeft's graphs, and the build or the reason why not."""
+    if ort["flavour"] == "none":
+        return False, "onnxruntime is not installed"
+    name = ort["distribution"] or "onnxruntime"
+    if ort["flavour"] == "broken":
+        return False, f"{name} {ort['version']} does not import" if ort["version"] else f"{name} does not import"
+    version = _version(ort["version"] or "")
+    if ort["flavour"] == "training" and version[:2] == _TRAINING_BUILD:
+        return True, f"{name} {ort['version']} (the host's training build)"
+    if version < _MIN_ORT:
+        return False, f"{name} {ort['version']} is older than {'.'.join(map(str, _MIN_ORT))}"
+    return True, f"{name} {ort['version']}"
 
 
 def _ort_distributions() -> list[tuple[str, str]]:
@@ -188,24 +211,31 @@ def _ort_distributions() -> list[tuple[str, str]]:
     return out
 
 
-def _general_warnings(machine: dict, ort: dict) -> list[str]:
+def _general_warnings(machine: dict, ort: dict, possible: bool, why: str) -> list[str]:
     warnings = []
     if len(ort["distributions"]) > 1:
         warnings.append(
             f"several packages provide the onnxruntime module ({', '.join(ort['distributions'])}); they overwrite "
             "each other's files: uninstall all of them and install one"
         )
-    if ort["import_error"]:
-        warnings.append(f"onnxruntime is installed but does not import: {ort['import_error']}")
-    if ort["flavour"] == "inference" and ort["version"] and _version(ort["version"]) < _MIN_PLAIN_ORT:
-        warnings.append(f"serving with plain onnxruntime needs >= 1.20; this is {ort['version']}")
+    runtime = _runtime_warning(ort, possible, why)
+    if runtime:
+        warnings.append(runtime)
     limit, total = machine["memory_limit_mb"], machine["ram_total_mb"]
     if limit is not None and total is not None and limit < total:
         warnings.append(f"this process is limited to {limit} MB by its cgroup (the machine has {total} MB)")
     return warnings
 
 
+def _runtime_warning(ort: dict, possible: bool, why: str) -> str | None:
+    """Why this onnxruntime runs nothing of edgeft's (a profile adds its pip line to it)."""
+    if ort["import_error"]:
+        return f"onnxruntime is installed but does not import: {ort['import_error']}"
+    return None if possible else f"training and serving: {why}"
+
+
 def _version(text: str) -> tuple[int, ...]:
+    """(major, minor) of a version string; () when it has none."""
     return tuple(int(x) for x in re.findall(r"\d+", text)[:2])
 
 
@@ -219,7 +249,7 @@ def _with_profile(report: dict, profile: Profile) -> None:
         "path": str(profile.path) if profile.path else None,
         "arch": profile.arch,
         "os": profile.os,
-        "training_supported": profile.training_supported,
+        "install": profile.install,
         "ram_budget_mb": profile.ram_budget_mb,
         "threads": profile.threads or machine["cpu_physical"] or machine["cpu_logical"],
     }
@@ -238,35 +268,39 @@ def _with_profile(report: dict, profile: Profile) -> None:
             f"profile {profile.name} asks for {profile.threads} threads; this machine has {machine['cpu_logical']}"
         )
 
-    has_ort = ort["flavour"] in ("training", "inference")
+    # The profile's pip line, for a machine the profile is meant for only.
+    hint = _install_hint(profile.install, ort) if matches else None
+    if hint and ort["flavour"] == "training":  # the host's environment: keep its training build
+        hint = f"in a separate environment (this one has the host's {ort['distribution']}): {profile.install}"
+    if not report["training_possible"]:
+        runtime = _runtime_warning(ort, False, report["training_note"])
+        if hint and runtime in warnings:
+            warnings[warnings.index(runtime)] = f"{runtime}; to train and serve here: {hint}"
+        return
+    report["train"] = _uses(profile.providers.train, ort, machine)
+    report["serve"] = _uses(profile.providers.serve, ort, machine)
+    notes: dict[str, list[str]] = {}  # one warning for a note that training and serving share
+    for role in ("train", "serve"):
+        if report[role]["note"]:
+            notes.setdefault(report[role]["note"], []).append({"train": "training", "serve": "serving"}[role])
+    for note, roles in notes.items():
+        wanted = (profile.providers.train if roles[0] == "training" else profile.providers.serve)[0]
+        warnings.append(f"{' and '.join(roles)}: {note}" + (f"; for {wanted}: {hint}" if hint else ""))
+
+
+def _install_hint(line: str, ort: dict) -> str:
+    """``line``, preceded by uninstalling the onnxruntime distributions it does not install itself
+    (every build provides the same module, so two of them overwrite each other's files) and, when
+    the installed one does not import, that one too."""
+    kept = {"onnxruntime-gpu"} if "[device-gpu]" in line else {"onnxruntime"} if "[device]" in line else set()
+    kept |= {_normal(name) for name in re.findall(r"\b(onnxruntime[-\w.]*\w)", line)}
     installed = [d.split("==")[0] for d in ort["distributions"]]
-    separate = profile.install_train is not None  # serving and training builds need two environments
+    stale = [name for name in installed if ort["import_error"] or _normal(name) not in kept]
+    return f"pip uninstall -y {' '.join(stale)} && {line}" if stale else line
 
-    def hint(what: str, line: str, fresh_env: bool = False) -> str:
-        """The pip line, after removing the onnxruntime build it replaces (two builds overwrite each other)."""
-        if not matches:  # no pip line for a machine the profile is not meant for
-            return ""
-        if fresh_env:
-            return f"; {what}, in a separate virtual environment: {line}"
-        stale = [n for n in installed if not re.search(rf"pip uninstall -y {re.escape(n)}(\s|$)", line)]
-        first = f"pip uninstall -y {' '.join(stale)} && " if stale else ""
-        return f"; {what}: {first}{line}"
 
-    if profile.training_supported:
-        train = report["train"] = _uses(profile.providers.train, ort, machine) if ort["training_api"] else None
-        if train is None:
-            why = f"this onnxruntime ({ort['distribution']} {ort['version']}) has no training API"
-            why = why if has_ort else "onnxruntime is not installed"
-            warnings.append(f"training: {why}{hint('to train here', profile.train_install, separate)}")
-        elif train["note"]:
-            what = f"for {profile.providers.train[0]}"
-            warnings.append(f"training: {train['note']}{hint(what, profile.train_install, separate)}")
-    serve = report["serve"] = _uses(profile.providers.serve, ort, machine) if has_ort else None
-    if serve is None:
-        warnings.append(f"serving: onnxruntime is not installed{hint('to serve here', profile.install)}")
-    elif serve["note"]:
-        what = f"for {profile.providers.serve[0]}"
-        warnings.append(f"serving: {serve['note']}{hint(what, profile.install, separate)}")
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _uses(preference: list[str], ort: dict, machine: dict) -> dict[str, Any]:
@@ -298,33 +332,21 @@ def render(report: dict[str, Any]) -> str:
     if o["flavour"] == "none":
         rows.append(("onnxruntime", "not installed"))
     else:
-        kind = {"training": "training build", "inference": "inference only", "broken": "does not import"}[o["flavour"]]
-        rows.append(
-            ("onnxruntime", f"{o['distribution'] or 'onnxruntime (no package metadata)'} {o['version']} ({kind})")
-        )
+        kind = {"training": " (training build)", "inference": "", "broken": " (does not import)"}[o["flavour"]]
+        rows.append(("onnxruntime", f"{o['distribution'] or 'onnxruntime (no package metadata)'} {o['version']}{kind}"))
         rows.append(("providers", ", ".join(o["providers"]) or "none"))
         if o["cuda_version"]:
             rows.append(("built for", f"CUDA {o['cuda_version']}"))
-    rows.append(
-        (
-            "training",
-            "possible here" if report["training_possible"] else "not possible here (no onnxruntime training build)",
-        )
-    )
+    possible = report["training_possible"]
+    rows.append(("training", f"{'possible here with' if possible else 'not possible here:'} {report['training_note']}"))
     p = report["profile"]
     if p:
         rows.append(("", ""))
         rows.append(("profile", f"{p['name']} ({p['path']})" if p["path"] else p["name"]))
         rows.append(("wants", f"{p['arch']}, {'/'.join(p['os'])}, {p['ram_budget_mb']} MB, {p['threads']} threads"))
-        if not p["training_supported"]:
-            rows.append(("train with", "- (serve-only profile)"))
-        elif report["train"]:
-            rows.append(("train with", ", ".join(report["train"]["providers"])))
-        else:
-            rows.append(("train with", "- (no training build here)"))
-        rows.append(
-            ("serve with", ", ".join(report["serve"]["providers"]) if report["serve"] else "- (no onnxruntime here)")
-        )
+        for role in ("train", "serve"):
+            uses = report[role]
+            rows.append((f"{role} with", ", ".join(uses["providers"]) if uses else "- (see training above)"))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {v}".rstrip() for k, v in rows]
     if report["warnings"]:

@@ -1,7 +1,9 @@
 """One way to open any graph of a bundle with onnxruntime: providers, threads, options.
 
 Plain onnxruntime (>= 1.20) runs every graph; the host venv's training build (1.19) runs the same
-graphs. Provider resolution lives here only (``edgeft.profiles`` maps profiles to preferences).
+graphs. Provider resolution lives here only: ``choose_providers`` turns a preference list into what
+a session is given, and both ``resolve_providers`` (``--provider``) and ``edgeft.profiles`` (a
+profile's preferences) go through it.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from pathlib import Path
 
 from edgeft.errors import EdgeftError
 
+CPU = "CPUExecutionProvider"
 PROVIDER_ALIASES = {
-    "cpu": "CPUExecutionProvider",
+    "cpu": CPU,
     "cuda": "CUDAExecutionProvider",
     "openvino": "OpenVINOExecutionProvider",
     "qnn": "QNNExecutionProvider",
@@ -46,19 +49,37 @@ def provider_name(requested: str) -> str:
     return requested if requested.endswith("ExecutionProvider") else PROVIDER_ALIASES.get(requested.lower(), requested)
 
 
+def choose_providers(preference: list[str], available: list[str]) -> tuple[list[str], str | None]:
+    """Providers to give ONNX Runtime, and a message when the first preferred one is missing.
+
+    Keeps the available ones of ``preference`` in its order and always ends with the CPU provider
+    (ONNX Runtime places each node on the first provider in the list that supports it).
+    """
+    chosen = [p for p in preference if p in available and p != CPU]
+    chosen.append(CPU)
+    missing = [p for p in preference if p not in available and p != CPU]
+    if not preference or preference[0] in chosen:
+        return chosen, None
+    shown = ", ".join(available) if available else "none"
+    return chosen, (
+        f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not available here "
+        f"(this onnxruntime has: {shown}); using {chosen[0]}"
+    )
+
+
 def resolve_providers(requested: str | None) -> list[str]:
     """``requested`` (plus the CPU fallback) if this onnxruntime has it, else CPU with a message;
     without a request, CUDA when available, then CPU."""
     available = onnxruntime().get_available_providers()
     if requested:
-        name = provider_name(requested)
-        if name in available:
-            return [name, "CPUExecutionProvider"] if name != "CPUExecutionProvider" else [name]
-        print(
-            f"edgeft: provider {requested} is not available here ({', '.join(available)}); using CPU", file=sys.stderr
-        )
-        return ["CPUExecutionProvider"]
-    return [p for p in ("CUDAExecutionProvider",) if p in available] + ["CPUExecutionProvider"]
+        chosen, missing = choose_providers([provider_name(requested)], available)
+        if missing:
+            print(
+                f"edgeft: provider {requested} is not available here ({', '.join(available)}); using CPU",
+                file=sys.stderr,
+            )
+        return chosen
+    return choose_providers(["CUDAExecutionProvider", CPU], available)[0]
 
 
 def session_options(cfg: SessionConfig):
