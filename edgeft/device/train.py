@@ -30,7 +30,7 @@ from edgeft.device.planner import available_memory_mb, peak_rss_mb, plan
 from edgeft.device.runtime import LoraModel
 from edgeft.device.tokenizer import BundleTokenizer
 from edgeft.errors import EdgeftError
-from edgeft.fsutil import atomic_write_json, fsync_dir, fsync_tree, is_disk_full, sha256_file
+from edgeft.fsutil import atomic_write_json, fsync_dir, fsync_tree, is_disk_full, sha256_file, write_bytes
 from edgeft.profiles import RuntimeSettings, runtime_settings
 
 CHECKPOINTS = "checkpoints"
@@ -238,9 +238,9 @@ class _Run:
         try:
             # Serialize here and write the bytes ourselves: safetensors' save_file reports a full disk
             # as a SafetensorError carrying only text, while a plain write raises OSError(ENOSPC).
-            (staging / "lora.safetensors").write_bytes(save(model.lora()))
+            write_bytes(staging / "lora.safetensors", save(model.lora()))
             _test_pause()
-            (staging / "optimizer.safetensors").write_bytes(save(self.optim.state_tensors()))
+            write_bytes(staging / "optimizer.safetensors", save(self.optim.state_tensors()))
             _test_pause()
             state = {
                 "step": self.step,
