@@ -1,8 +1,9 @@
 """Crash safety of ``edgeft train``: a device's adapter is never lost or corrupted.
 
 ``edgeft train`` runs as a real subprocess that is SIGKILLed at random moments (start-up, training
-steps, inside checkpoint writes) and restarted with ``--resume`` until it finishes; on a small
-tmpfs the disk fills up in the middle of a checkpoint write. After every kill and every failure the
+steps, inside checkpoint writes) and restarted with ``--resume`` until it finishes; the disk fills
+up in the middle of a checkpoint write (injected ENOSPC everywhere, a real small tmpfs where it can be
+mounted) and while the trained adapter is written. After every kill and every failure the
 run directory must hold only complete checkpoints, and the finished run must equal an
 uninterrupted one. Measured: the result is bit-exact (deterministic ONNX Runtime + numpy AdamW),
 so the test asserts bit-exact equality.
@@ -10,12 +11,14 @@ so the test asserts bit-exact equality.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -239,13 +242,53 @@ def test_sigkill_at_random_moments_never_loses_or_corrupts(
 
 
 # --- full disk ------------------------------------------------------------------------------------
+#
+# Two ways to fill the disk, one test body. "injected" runs everywhere, without mount rights:
+# EDGEFT_TEST_DISK_BYTES gives the child a byte budget at edgeft's write layer (edgeft/fsutil.py),
+# every file edgeft's training writes goes through it, and the write that crosses it writes what
+# fits and raises OSError(ENOSPC) as the kernel's write does (test_injected_full_disk_is_the_kernels
+# compares the two on /dev/full). "tmpfs" is a real 8 MiB tmpfs, where this test may mount one.
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A fresh 8 MiB tmpfs, unmounted afterwards; skipped where mounting is not allowed."""
+class _InjectedDisk:
+    kind = "injected"
+
+    def __init__(self, root: Path):
+        self.root, self.env = root, dict(os.environ)
+
+    def fill(self, leave: int) -> None:
+        self.env["EDGEFT_TEST_DISK_BYTES"] = str(leave)
+
+    def free(self) -> None:
+        del self.env["EDGEFT_TEST_DISK_BYTES"]
+
+
+class _Tmpfs:
+    kind = "tmpfs"
+
+    def __init__(self, root: Path):
+        self.root, self.env = root, dict(os.environ)
+        self.filler = root / "filler"
+
+    def fill(self, leave: int) -> None:
+        """Fill the tmpfs but ``leave`` bytes with a file that ``free`` deletes."""
+        st = os.statvfs(self.root)
+        with open(self.filler, "wb") as f:
+            f.write(b"\0" * (st.f_bavail * st.f_frsize - leave))
+
+    def free(self) -> None:
+        self.filler.unlink()
+
+
+@pytest.fixture(params=["injected", "tmpfs"])
+def small_disk(request, tmp_path: Path) -> Iterator[_InjectedDisk | _Tmpfs]:
+    """The injected budget, always; a fresh 8 MiB tmpfs (unmounted afterwards) where mount(8) may
+    mount one (root or CAP_SYS_ADMIN), skipped elsewhere: the injected case covers the claim."""
     mnt = tmp_path / "disk"
     mnt.mkdir()
+    if request.param == "injected":
+        yield _InjectedDisk(mnt)
+        return
     if not sys.platform.startswith("linux") or shutil.which("mount") is None:
         pytest.skip("needs Linux mount(8) to make a small tmpfs that fills up")
     cmd = ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)]
@@ -253,19 +296,32 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs (needs root or CAP_SYS_ADMIN): {mounted.stderr.strip()}")
     try:
-        yield mnt
+        yield _Tmpfs(mnt)
     finally:
         if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-def _fill(disk: Path, leave: int) -> Path:
-    """Fill ``disk`` but ``leave`` bytes with a file that can be deleted to free space again."""
-    st = os.statvfs(disk)
-    filler = disk / "filler"
-    with open(filler, "wb") as f:
-        f.write(b"\0" * (st.f_bavail * st.f_frsize - leave))
-    return filler
+def test_injected_full_disk_is_the_kernels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """edgeft's writer on a real full device (/dev/full: every write fails with ENOSPC) and under the
+    injected budget raise the same error, and both count as a full disk."""
+    from edgeft import fsutil
+
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode), "Linux's /dev/full is missing"
+    data = b"x" * (1 << 20)  # far above io's buffer: the write itself fails, not a later flush
+    with pytest.raises(OSError) as real:
+        fsutil.write_bytes("/dev/full", data)
+    monkeypatch.setenv("EDGEFT_TEST_DISK_BYTES", "1000")
+    monkeypatch.setattr(fsutil, "_test_bytes_written", 0)
+    with pytest.raises(OSError) as injected:
+        fsutil.write_bytes(tmp_path / "file", data)
+    assert type(injected.value) is type(real.value)
+    assert (injected.value.errno, injected.value.strerror) == (real.value.errno, real.value.strerror)
+    assert real.value.errno == errno.ENOSPC and fsutil.is_disk_full(real.value) and fsutil.is_disk_full(injected.value)
+    assert (tmp_path / "file").read_bytes() == data[:1000]  # what fitted was written, as on a disk
+    with pytest.raises(OSError, match="No space left"):
+        fsutil.atomic_write_bytes(tmp_path / "other", b"y")  # the budget is spent
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # its temp file was removed
 
 
 def _one_error_line(stderr: str) -> str:
@@ -276,11 +332,13 @@ def _one_error_line(stderr: str) -> str:
 
 
 def test_full_disk_during_checkpoint_keeps_previous_one_and_resumes(
-    llama_bundle: Path, reference: Reference, small_disk: Path
+    llama_bundle: Path, reference: Reference, small_disk: _InjectedDisk | _Tmpfs
 ) -> None:
-    run = small_disk / "run"
-    filler = _fill(small_disk, leave=int(1.5 * reference.checkpoint_bytes))  # ~1.5 checkpoints fit
-    failed = subprocess.run(_argv(llama_bundle, run, "--no-progress"), capture_output=True, text=True, timeout=120)
+    disk = small_disk
+    run = disk.root / "run"
+    disk.fill(leave=int(1.5 * reference.checkpoint_bytes))  # ~1.5 checkpoints fit
+    argv = _argv(llama_bundle, run, "--no-progress")
+    failed = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=disk.env)
     assert failed.returncode == 2, failed.stderr
     line = _one_error_line(failed.stderr)
     assert f"{run / 'checkpoints'}: " in line
@@ -293,27 +351,28 @@ def test_full_disk_during_checkpoint_keeps_previous_one_and_resumes(
     assert _assert_consistent(run, reference) == step - 1
     assert not (run / "adapter").exists() and not (run / "summary.json").exists()
 
-    filler.unlink()
+    disk.free()
     argv = _argv(llama_bundle, run, "--no-progress", "--resume")
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=disk.env)
     assert done.returncode == 0, done.stderr
     _assert_finished(run, reference)
 
 
 def test_full_disk_during_adapter_write_is_one_clear_error(
-    llama_bundle: Path, reference: Reference, small_disk: Path
+    llama_bundle: Path, reference: Reference, small_disk: _InjectedDisk | _Tmpfs
 ) -> None:
-    """No checkpoints; the disk fills inside safetensors' writer (its own error type, not OSError)."""
-    run = small_disk / "run"
-    filler = _fill(small_disk, leave=4 * PAGE)  # the adapter config fits, the weights (~30 kB) do not
+    """No checkpoints; the disk fills while the trained adapter is written."""
+    disk = small_disk
+    run = disk.root / "run"
+    disk.fill(leave=4 * PAGE)  # the adapter config fits, the weights (~30 kB) do not
     argv = [*_argv(llama_bundle, run, "--no-progress"), "--save-every", "0"]
-    failed = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    failed = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=disk.env)
     assert failed.returncode == 2, failed.stderr
     line = _one_error_line(failed.stderr)
     assert f"{run / 'adapter'}: " in line and "trained adapter" in line and "no checkpoint" in line
     assert not any(run.iterdir()), "a partial adapter or its staging dir was left behind"
 
-    filler.unlink()
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    disk.free()
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=disk.env)
     assert done.returncode == 0, done.stderr
     _assert_same_adapter(run, reference)
