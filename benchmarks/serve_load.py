@@ -8,6 +8,12 @@ server refuse some requests with 503 on purpose; they are counted, not retried. 
 as JSON (and writes them to --out or $EDGEFT_LOAD_RESULTS): requests/s, latency p50/p95, 503s,
 server RSS after warm-up and at the end.
 
+Every greedy request of the mix is first sent alone, one at a time: greedy decoding is
+deterministic, so under load each greedy 200 must carry exactly that reply (text and finish
+reason). A reply generated with another request's adapter, or from a KV cache another request
+touched, differs: it is counted as ``greedy_mismatched``. ``greedy_distinct`` says how many checked
+replies no other model would have given to the same request, i.e. how many a mix-up would change.
+
     python benchmarks/serve_load.py                      # builds the tiny test model (needs torch)
     python benchmarks/serve_load.py --bundle B --adapter a=DIR --adapter b=DIR --out load.json
 
@@ -129,7 +135,7 @@ def request_for(client: int, i: int, models: list[str]) -> tuple[str, dict]:
     chat = (i // len(models)) % 2 == 1
     stream = (client + i // 2) % 2 == 1
     body: dict = {"model": model, "max_tokens": 1 + (client + i) % 4, "stream": stream}
-    if (client * 7 + i) % 3 == 0:
+    if (client + i // len(models)) % 3 == 0:  # a third sampled, for every model alike
         body.update(temperature=0.8, top_p=0.9, seed=client * 100_000 + i)
     else:
         body["temperature"] = 0
@@ -141,32 +147,96 @@ def request_for(client: int, i: int, models: list[str]) -> tuple[str, dict]:
     return "/v1/completions", body
 
 
+def greedy_key(path: str, body: dict) -> tuple | None:
+    """What a greedy reply depends on (None for a sampled request): the same key, the same reply."""
+    if body.get("temperature") != 0:
+        return None
+    prompt = body["messages"][0]["content"] if "messages" in body else body["prompt"]
+    return path, body["model"], prompt, body["max_tokens"]
+
+
+Reply = tuple[str, str]  # (text, finish_reason)
+
+
 @dataclass
 class Outcome:
     status: int  # HTTP status, or 0 for a transport error
     seconds: float
     problem: str | None = None  # set when a 200 did not carry a well-formed answer
+    key: tuple | None = None  # greedy_key of a greedy 200 whose reply was compared
+    mismatch: str | None = None  # set when that reply differs from the same request sent alone
 
 
-def one_request(http: httpx.Client, path: str, body: dict) -> Outcome:
+def one_request(http: httpx.Client, path: str, body: dict, expected: dict[tuple, Reply] | None = None) -> Outcome:
     start = time.perf_counter()
+    reply = None
     try:
         if body["stream"]:
             with http.stream("POST", path, json=body) as response:
                 if response.status_code == 200:
-                    problem = _check_stream([line for line in response.iter_lines() if line])
+                    lines = [line for line in response.iter_lines() if line]
+                    problem = _check_stream(lines)
+                    reply = None if problem else _stream_reply(lines)
                 else:
                     response.read()  # the error body, for the report
                     problem = None
         else:
             response = http.post(path, json=body)
             problem = _check_body(response) if response.status_code == 200 else None
+            reply = _body_reply(response) if response.status_code == 200 and not problem else None
     except httpx.HTTPError as e:
         return Outcome(0, time.perf_counter() - start, f"{type(e).__name__}: {e}")
     seconds = time.perf_counter() - start
     if response.status_code not in (200, 503):
         problem = f"{response.status_code}: {response.text[:300]}"
-    return Outcome(response.status_code, seconds, problem)
+    outcome = Outcome(response.status_code, seconds, problem)
+    key = greedy_key(path, body)
+    if reply is not None and expected is not None and key in expected:
+        outcome.key = key
+        if reply != expected[key]:
+            outcome.mismatch = f"{key}: got {reply!r}, alone it is {expected[key]!r}"
+    return outcome
+
+
+def _body_reply(response: httpx.Response) -> Reply:
+    choice = response.json()["choices"][0]
+    text = choice["message"]["content"] if "message" in choice else choice["text"]
+    return text, choice["finish_reason"]
+
+
+def _stream_reply(lines: list[str]) -> Reply:
+    events = [json.loads(line[6:]) for line in lines[:-1]]
+    choices = [c for e in events for c in e.get("choices", [])]
+    text = "".join((c["delta"].get("content") if "delta" in c else c.get("text")) or "" for c in choices)
+    return text, next(c["finish_reason"] for c in choices if c.get("finish_reason"))
+
+
+def reference_replies(url: str, models: list[str], cfg: LoadConfig) -> dict[tuple, Reply]:
+    """Every distinct greedy request of the load, sent alone and not streamed, one after another."""
+    requests = {}
+    for c in range(cfg.clients):
+        for i in range(cfg.requests_per_client):
+            path, body = request_for(c, i, models)
+            key = greedy_key(path, body)
+            if key is not None and key not in requests:
+                requests[key] = (path, {**body, "stream": False})
+    replies = {}
+    with httpx.Client(base_url=url, timeout=cfg.request_timeout_s) as http:
+        for key, (path, body) in sorted(requests.items()):
+            response = http.post(path, json=body)
+            if response.status_code != 200 or _check_body(response):
+                raise RuntimeError(f"reference request {key} failed: {response.status_code} {response.text[:300]}")
+            replies[key] = _body_reply(response)
+    return replies
+
+
+def distinct_keys(replies: dict[tuple, Reply]) -> set[tuple]:
+    """Keys whose reply no other model gives to the same request (path, prompt, max_tokens)."""
+    return {
+        key
+        for key, reply in replies.items()
+        if not any(k[0] == key[0] and k[2:] == key[2:] and k[1] != key[1] and r == reply for k, r in replies.items())
+    }
 
 
 def _check_body(response: httpx.Response) -> str | None:
@@ -189,8 +259,16 @@ def _check_stream(lines: list[str]) -> str | None:
     return None
 
 
-def run_clients(url: str, models: list[str], clients: int, per_client: int, cfg: LoadConfig) -> list[Outcome]:
-    """``clients`` threads, each with its own connection pool, ``per_client`` requests each."""
+def run_clients(
+    url: str,
+    models: list[str],
+    clients: int,
+    per_client: int,
+    cfg: LoadConfig,
+    expected: dict[tuple, Reply] | None = None,
+) -> list[Outcome]:
+    """``clients`` threads, each with its own connection pool, ``per_client`` requests each; greedy
+    replies are compared with ``expected`` (see reference_replies)."""
     stop_at = time.monotonic() + cfg.time_limit_s
 
     def client(c: int) -> list[Outcome]:
@@ -200,7 +278,7 @@ def run_clients(url: str, models: list[str], clients: int, per_client: int, cfg:
             for i in range(per_client):
                 if time.monotonic() > stop_at:
                     break
-                outcomes.append(one_request(http, *request_for(c, i, models)))
+                outcomes.append(one_request(http, *request_for(c, i, models), expected))
         return outcomes
 
     with ThreadPoolExecutor(clients, thread_name_prefix="load-client") as pool:
@@ -215,10 +293,12 @@ def _percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def summarize(outcomes: list[Outcome], seconds: float, cfg: LoadConfig) -> dict:
+def summarize(outcomes: list[Outcome], seconds: float, cfg: LoadConfig, distinct: set[tuple] | None = None) -> dict:
     statuses = Counter(o.status for o in outcomes)
     ok = [o.seconds for o in outcomes if o.status == 200 and o.problem is None]
     problems = [o.problem for o in outcomes if o.problem]
+    checked = [o for o in outcomes if o.key is not None]
+    mismatches = [o.mismatch for o in checked if o.mismatch]
     return {
         "clients": cfg.clients,
         "requests_per_client": cfg.requests_per_client,
@@ -232,6 +312,10 @@ def summarize(outcomes: list[Outcome], seconds: float, cfg: LoadConfig) -> dict:
         "transport_errors": statuses.get(0, 0),
         "problems": len(problems),
         "problem_examples": problems[:5],
+        "greedy_checked": len(checked),
+        "greedy_distinct": sum(1 for o in checked if o.key in (distinct or ())),
+        "greedy_mismatched": len(mismatches),
+        "mismatch_examples": mismatches[:5],
         "seconds": round(seconds, 3),
         "requests_per_s": round(len(outcomes) / seconds, 1) if seconds else None,
         "ok_per_s": round(len(ok) / seconds, 1) if seconds else None,
@@ -252,10 +336,11 @@ def measure(bundle: Path, adapters: dict[str, Path], cfg: LoadConfig, workdir: P
     with server_process(bundle, adapters, cfg.max_queue, workdir / "serve.log", cfg.server_args) as server:
         with httpx.Client(base_url=server.url, timeout=cfg.request_timeout_s) as http:
             models = [m["id"] for m in http.get("/v1/models").json()["data"]]
-        warm = run_clients(server.url, models, cfg.clients, cfg.warmup_per_client, cfg)
+        expected = reference_replies(server.url, models, cfg)
+        warm = run_clients(server.url, models, cfg.clients, cfg.warmup_per_client, cfg, expected)
         before = memory_mb(server.pid)
         start = time.perf_counter()
-        outcomes = run_clients(server.url, models, cfg.clients, cfg.requests_per_client, cfg)
+        outcomes = run_clients(server.url, models, cfg.clients, cfg.requests_per_client, cfg, expected)
         seconds = time.perf_counter() - start
         after = memory_mb(server.pid)
         try:
@@ -263,12 +348,17 @@ def measure(bundle: Path, adapters: dict[str, Path], cfg: LoadConfig, workdir: P
         except httpx.HTTPError:
             health = False
         alive = server.process.poll() is None
-    results = summarize(outcomes, seconds, cfg)
+    distinct = distinct_keys(expected)
+    results = summarize(outcomes, seconds, cfg, distinct)
     growth = after["VmRSS"] - before["VmRSS"]
     results.update(
         models=models,
         warmup_requests=len(warm),
         warmup_problems=sum(1 for o in warm if o.problem),
+        warmup_mismatched=sum(1 for o in warm if o.mismatch),
+        reference_requests=len(expected),
+        reference_models=sorted({key[1] for key in expected}),
+        reference_distinct=len(distinct),
         rss_mb={
             "start": round(before["VmRSS"], 1),
             "end": round(after["VmRSS"], 1),
@@ -338,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     write_results(results, args.out)
     print(json.dumps(results, indent=2))
     failed = results["server_errors_other"] or results["transport_errors"] or results["problems"]
+    failed = failed or results["greedy_mismatched"] or results["warmup_mismatched"]
     return 1 if failed or not results["health_after"] else 0
 
 

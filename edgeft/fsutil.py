@@ -23,6 +23,32 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """``Path(path).write_bytes(data)``, through the test-only disk budget below."""
+    with open(path, "wb") as f:
+        _write(f, data, path)
+
+
+def _write(f, data: bytes, path: str | os.PathLike) -> None:
+    """``f.write(data)``. Test-only hook, unset in real use: ``EDGEFT_TEST_DISK_BYTES=N`` lets this
+    process write N bytes through here in all; the write that crosses it writes what fits and then
+    fails as a full disk does (OSError ENOSPC), so tests/test_crash_safety.py can fill the disk
+    without mounting a small filesystem."""
+    global _test_bytes_written
+    budget = os.environ.get("EDGEFT_TEST_DISK_BYTES")
+    if budget is not None:
+        room = max(0, int(budget) - _test_bytes_written)
+        if len(data) > room:
+            f.write(data[:room])
+            _test_bytes_written += room
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        _test_bytes_written += len(data)
+    f.write(data)
+
+
+_test_bytes_written = 0
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to a temp file beside ``path``, fsync it, then rename over ``path``."""
     path = Path(path)
@@ -31,7 +57,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make bundles unreadable to others
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            _write(f, data, path)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -46,10 +46,10 @@ def test_greedy_equals_transformers_generate(factory, tmp_path, model_type, with
     with torch.no_grad():
         out = model.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=32, do_sample=False)
     ref = out[0, len(prompt_ids) :].tolist()
-    if stream.finish_reason == "stop":
-        ref = ref[:-1]  # transformers keeps the eos token it stopped at; edgeft does not emit it
+    # All 32 tokens are compared (measured: no model type stops early on this prompt); an early
+    # stop on both sides, even an immediate EOS, would otherwise pass with little or nothing compared.
+    assert stream.finish_reason == "length" and len(got) == 32, (stream.finish_reason, got)
     assert got == ref
-    assert len(got) == 32 or stream.finish_reason == "stop"
 
 
 def test_adapters_switch_without_new_session(factory, tmp_path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -675,6 +676,7 @@ def henv(tmp_path, factory, llama_bundle, keys, monkeypatch) -> HEnv:
 @pytest.mark.parametrize("build", CASES, ids=[c.__name__.replace("_", "-") for c in CASES])
 def test_bad_input(build, henv: HEnv):
     case = build(henv)
+    assert case.expect and all(case.expect), "a case must name what its error line says"
     keys = henv.keys
     watched = [henv.tmp, henv.model, henv.bundle, keys.signed, keys.private.parent, *case.watch]
     if henv.outside.exists():
@@ -686,8 +688,19 @@ def test_bad_input(build, henv: HEnv):
     assert_refused(result, case.expect, case.out, out_existed, watched, before)
 
 
-def test_the_table_is_big_enough():
-    assert len(CASES) + len(BAD_REQUESTS) >= 40
+def test_the_readme_counts_are_these_tables():
+    """README: "50 bad inputs through the real CLI" is test_cli_errors.py's table, and "over 100 bad
+    inputs" is that table, this file's CLI table and its HTTP table together, no case counted twice.
+    (What each case's error must say is checked where it runs: its needles may not be empty.)"""
+    import test_cli_errors
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    cli_claim = int(re.search(r"(\d+) bad inputs through the real CLI", readme).group(1))
+    total_claim = int(re.search(r"over (\d+) bad inputs across", readme).group(1))
+    cli_cases = [param.values[0] for param in test_cli_errors.CASES]
+    assert len(cli_cases) == cli_claim
+    assert len(cli_cases) + len(CASES) + len(BAD_REQUESTS) > total_claim
+    assert len(set(cli_cases)) == len(cli_cases) and len(set(CASES)) == len(CASES)  # no case counted twice
 
 
 # ---------------------------------------------------------------------------------------------
@@ -700,7 +713,7 @@ CHAT = [{"role": "user", "content": "hi"}]
 
 BAD_REQUESTS = {
     "malformed JSON": ("completions", '{"model": "base", "prompt": ', {}, 400, "could not parse the JSON body"),
-    "body not an object": ("chat/completions", "[1, 2]", {}, 400, ""),
+    "body not an object": ("chat/completions", "[1, 2]", {}, 400, "body: Input should be a valid dictionary"),
     "prompt of wrong type": ("completions", {"model": "base", "prompt": 5}, {}, 400, "prompt"),
     "max_tokens of wrong type": ("completions", {"model": "base", "prompt": "hi", "max_tokens": "ten"}, {}, 400, "max_tokens"),
     "messages of wrong type": ("chat/completions", {"model": "base", "messages": "hi"}, {}, 400, "messages"),
@@ -734,6 +747,7 @@ def http(llama_bundle):
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
 def test_bad_http_request(case, http, llama_bundle):
     path, body, headers, status, needle = BAD_REQUESTS[case]
+    assert needle, "a case must name what its error message says"
     before = snapshot(llama_bundle)
     headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json", **headers}
     content = body if isinstance(body, str) else json.dumps(body)

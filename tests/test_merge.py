@@ -170,8 +170,17 @@ def test_out_rules(llama_bundle, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
-def test_merge_needs_no_host_stack(llama_bundle, tmp_path):
-    """Runs in a subprocess where torch, transformers, peft, optimum and onnx cannot be imported."""
+def test_merge_needs_no_host_stack(merged, tmp_path):
+    """Runs in a subprocess where torch, transformers, peft, optimum and onnx cannot be imported,
+    with a non-zero PEFT adapter; the merged weights are W + alpha/r * B @ A, computed here from the
+    adapter's own files, and the merged model's logits equal PEFT's merge_and_unload."""
+    import torch
+    from helpers import torch_peft_model
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from safetensors.numpy import load_file
+    from transformers import AutoTokenizer
+
+    model_dir, bundle, adapter, _ = merged("llama")
     code = (
         "import sys\n"
         "for m in ('torch', 'transformers', 'peft', 'optimum', 'onnx'): sys.modules[m] = None\n"
@@ -179,8 +188,30 @@ def test_merge_needs_no_host_stack(llama_bundle, tmp_path):
         "main(sys.argv[1:])\n"
     )
     out = tmp_path / "merged"
-    args = ["merge", str(llama_bundle), "--adapter", str(llama_bundle / "adapter"), "--out", str(out)]
+    args = ["merge", str(bundle), "--adapter", str(adapter), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert (out / "model.onnx").is_file()
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    lora = load_file(str(adapter / "adapter_model.safetensors"))
+    base, got = load_file(str(bundle / "weights.safetensors")), load_file(str(out / "weights.safetensors"))
+    expected = dict(base)
+    for key in (k for k in lora if k.endswith(".lora_A.weight")):
+        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        b = lora[key.replace(".lora_A.", ".lora_B.")]
+        expected[f"{module}.weight"] = base[f"{module}.weight"] + scale * (b @ lora[key])
+    assert got.keys() == base.keys()
+    changed = [k for k in base if not np.array_equal(got[k], base[k])]
+    assert len(changed) == len(lora) // 2 > 0  # every targeted weight moved, nothing else
+    for key in base:
+        np.testing.assert_allclose(got[key], expected[key], atol=1e-6, rtol=0, err_msg=key)
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    enc = tokenizer(PROMPT, return_tensors="pt")
+    logits = ORTModelForCausalLM.from_pretrained(out)(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
+    reference = torch_peft_model(model_dir, adapter).merge_and_unload()
+    with torch.no_grad():
+        ref = reference(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits.numpy()
+    np.testing.assert_allclose(logits.logits.numpy(), ref, atol=1e-4, rtol=0)

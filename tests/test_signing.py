@@ -94,29 +94,26 @@ def test_keygen_refuses_to_overwrite(tmp_path):
 # Export, verify
 
 
-def test_export_sign_key_signs_inside_the_bundle(tmp_path, factory, llama_bundle, keypair, monkeypatch):
-    import edgeft.host.export as export
-
-    # The torch export itself is covered by test_export.py; here the written files are the shared
-    # bundle's, so this checks the signing step of export_bundle (staging dir, then rename) fast.
-    monkeypatch.setattr(export, "_load_peft_model", lambda cfg, hf_config: (None, None))
-    monkeypatch.setattr(
-        export,
-        "_write_bundle",
-        lambda *args: shutil.copytree(llama_bundle, args[-1], dirs_exist_ok=True),
-    )
+def test_export_sign_key_signs_inside_the_bundle(tmp_path, factory, keypair):
+    """A real ``edgeft export --sign-key`` (nothing mocked): the signature covers the final
+    manifest, ``verify`` accepts the bundle under the public key, and it loads and generates."""
+    private, public = keypair
     out = tmp_path / "bundle"
-    result = run("export", factory.model("llama"), "--out", out, "--sign-key", keypair[0])
+    result = run("export", factory.model("llama"), "--out", out, "--max-seq-len", "128", "--sign-key", private)
     assert result.exit_code == 0, (result.stderr, result.exception)
     sig = out / SIGNATURE
     assert sig.is_file() and len(sig.read_bytes()) == 64
     manifest = json.loads((out / "manifest.json").read_text())
     assert SIGNATURE not in manifest["files"]  # the signature covers the manifest, not itself
-    signing.load_public_key(keypair[1]).verify(sig.read_bytes(), (out / "manifest.json").read_bytes())
+    signing.load_public_key(public).verify(sig.read_bytes(), (out / "manifest.json").read_bytes())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging dir left
-    ok = run("verify", out, "--trusted-key", keypair[1])
+    ok = run("verify", out, "--trusted-key", public)
     assert ok.exit_code == 0, ok.stderr
     assert ok.stdout.startswith("OK ") and "signature valid" in ok.stdout and ok.stdout.count("\n") == 1
+    assert f"{len(manifest['files'])} files match" in ok.stdout
+    generated = run("generate", out, "--prompt", "hi", "--max-new-tokens", "2", "--trusted-key", public)
+    assert generated.exit_code == 0, (generated.stderr, generated.exception)
+    assert generated.stdout.strip()
 
 
 def test_verify_without_key_checks_every_hash(llama_bundle):

@@ -77,13 +77,15 @@ def test_checkpoints_are_complete_and_pruned(llama_bundle, tmp_path):
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(llama_bundle, tmp_path, monkeypatch):
-    """Measured: ONNX Runtime with deterministic compute + numpy AdamW resume is bit-exact."""
+    """Interrupted in process after step 7, then resumed: bit-exact (measured: ONNX Runtime's
+    deterministic compute + numpy AdamW). A KeyboardInterrupt unwinds, so clean-up code still runs:
+    this is Ctrl-C, not power loss or a kill; tests/test_crash_safety.py SIGKILLs real processes."""
     straight = _adapter_after(llama_bundle, tmp_path / "straight", max_steps=10, save_every=3)
     real_step = _Run._optimizer_step
 
     def dying_step(self, model):
         if self.step == 7:
-            raise KeyboardInterrupt  # power loss after step 7 (last checkpoint: step 6)
+            raise KeyboardInterrupt  # Ctrl-C after step 7 (last checkpoint: step 6)
         return real_step(self, model)
 
     monkeypatch.setattr(_Run, "_optimizer_step", dying_step)

@@ -17,7 +17,7 @@ import numpy as np
 
 from edgeft.bundle import Bundle, lora_module
 from edgeft.errors import EdgeftError
-from edgeft.fsutil import atomic_write_json, staged_directory
+from edgeft.fsutil import atomic_write_json, staged_directory, write_bytes
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -225,7 +225,7 @@ def _read_tensors(path: Path) -> dict[str, np.ndarray]:
 
 def save_adapter(path: str | os.PathLike, bundle: Bundle, lora: dict[str, np.ndarray]) -> Path:
     """Write ``lora`` (ONNX names) as a PEFT adapter directory, atomically (staging dir + rename)."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     path = Path(path)
     for stale in path.parent.glob(f".{path.name}.*"):  # left by a killed writer; one writer per path
@@ -234,5 +234,6 @@ def save_adapter(path: str | os.PathLike, bundle: Bundle, lora: dict[str, np.nda
         config = json.loads(bundle.path(bundle.manifest["lora"]["init_adapter"]).joinpath(CONFIG).read_text())
         atomic_write_json(staging / CONFIG, config)
         tensors = {p["key"]: np.ascontiguousarray(lora[p["onnx"]]) for p in bundle.trainable}
-        save_file(tensors, str(staging / WEIGHTS), metadata={"format": "pt"})
+        # Bytes written here, not by save_file: a full disk is then a plain OSError(ENOSPC).
+        write_bytes(staging / WEIGHTS, save(tensors, metadata={"format": "pt"}))
     return path

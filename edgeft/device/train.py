@@ -30,7 +30,7 @@ from edgeft.device.planner import available_memory_mb, peak_rss_mb, plan
 from edgeft.device.runtime import LoraGraphs, graph_session
 from edgeft.device.tokenizer import BundleTokenizer
 from edgeft.errors import EdgeftError
-from edgeft.fsutil import atomic_write_json, fsync_dir, fsync_tree, is_disk_full, sha256_file
+from edgeft.fsutil import atomic_write_json, fsync_dir, fsync_tree, is_disk_full, sha256_file, write_bytes
 from edgeft.profiles import RuntimeSettings, runtime_settings
 
 CHECKPOINTS = "checkpoints"
@@ -236,9 +236,11 @@ class _Run:
 
     def _save_checkpoint(self) -> None:
         root = self.out / CHECKPOINTS
+        _test_mark("begin")
         with _disk_full_is_an_error(root, f"checkpoint step {self.step}", root):
             self._write_checkpoint(root)
         _prune_checkpoints(root)
+        _test_mark("done")
 
     def _write_checkpoint(self, root: Path) -> None:
         """Stage the checkpoint in a hidden '.step-*' dir, fsync it, then rename it visible: a reader
@@ -250,10 +252,10 @@ class _Run:
         try:
             # Serialize here and write the bytes ourselves: safetensors' save_file reports a full disk
             # as a SafetensorError carrying only text, while a plain write raises OSError(ENOSPC).
-            (staging / "lora.safetensors").write_bytes(save(self.lora))
-            _test_pause()
-            (staging / "optimizer.safetensors").write_bytes(save(self.optim.state_tensors()))
-            _test_pause()
+            write_bytes(staging / "lora.safetensors", save(self.lora))
+            _test_pause("after-lora")
+            write_bytes(staging / "optimizer.safetensors", save(self.optim.state_tensors()))
+            _test_pause("after-optimizer")
             state = {
                 "step": self.step,
                 "position": asdict(self.pos),
@@ -264,14 +266,14 @@ class _Run:
                 "config": self.fingerprint,
             }
             atomic_write_json(staging / "state.json", state)
-            _test_pause()
+            _test_pause("after-state")
             fsync_tree(staging)
             os.replace(staging, root / f"step-{self.step:08d}")
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         fsync_dir(root)  # the rename must be durable before pruning deletes an older checkpoint
-        _test_pause()
+        _test_pause("before-prune")
 
     def _restore(self) -> dict[str, np.ndarray] | None:
         """Load the newest complete checkpoint; None when there is none yet."""
@@ -350,12 +352,22 @@ def _remove_stale_staging(root: Path) -> None:
             shutil.rmtree(stale, ignore_errors=True)
 
 
-def _test_pause() -> None:
+def _test_pause(stage: str) -> None:
     """Test-only hook, unset in real use: ``EDGEFT_TEST_SLOW_CHECKPOINT=SECONDS`` sleeps between the
     stages of a checkpoint write so tests/test_crash_safety.py can SIGKILL inside a write on purpose."""
+    _test_mark(stage)
     delay = os.environ.get("EDGEFT_TEST_SLOW_CHECKPOINT")
     if delay:
         time.sleep(float(delay))
+
+
+def _test_mark(stage: str) -> None:
+    """Test-only hook, unset in real use: ``EDGEFT_TEST_CHECKPOINT_MARKS=FILE`` appends each stage a
+    checkpoint write reaches ("begin" ... "done") to FILE, so a test can tell where a kill landed."""
+    marks = os.environ.get("EDGEFT_TEST_CHECKPOINT_MARKS")
+    if marks:
+        with open(marks, "a") as f:
+            f.write(stage + "\n")
 
 
 @contextmanager
