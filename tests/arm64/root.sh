@@ -125,7 +125,10 @@ install_venv() {
         local start=$SECONDS
         rm -rf "${ROOT:?}$venv"
         in_root python3 -m venv "$venv"
-        in_root "$venv/bin/pip" install --quiet --disable-pip-version-check -e "/opt/edgeft[$EXTRA]"
+        in_root "$venv/bin/pip" install --quiet --disable-pip-version-check -e "/opt/edgeft[$EXTRA]" || {
+            say "pip could not install edgeft[$EXTRA] for aarch64 (EDGEFT_ARM64_EXTRA picks another extra)" >&2
+            return 1
+        }
         echo "$wanted" >"$stamp"
         say "pip install inside the root took $((SECONDS - start)) s"
     fi
