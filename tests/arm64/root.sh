@@ -57,8 +57,13 @@ register_qemu() {
 build_root() {
     local wanted="$SUITE $PACKAGES"
     [[ -f $ROOT_STAMP && $(<"$ROOT_STAMP") == "$wanted" ]] && return
+    # Only a directory this script made is ever deleted (EDGEFT_ARM64_ROOT may be mistyped).
+    if [[ -e $ROOT && ! -e $ROOT/.edgeft-root && -n $(ls -A "$ROOT") ]]; then
+        echo "test-arm64: $ROOT is not empty and not an edgeft root; refusing to replace it" >&2
+        return 1
+    fi
     say "building the arm64 root in $ROOT (debootstrap $SUITE, a few minutes)"
-    rm -rf "$ROOT" && mkdir -p "$ROOT"
+    rm -rf "$ROOT" && mkdir -p "$ROOT" && touch "$ROOT/.edgeft-root"
     local start=$SECONDS
     unshare --mount --propagation private \
         debootstrap --arch arm64 --variant=minbase --include="$PACKAGES" "$SUITE" "$ROOT" "$MIRROR" >"$ROOT.log" 2>&1 ||
@@ -158,7 +163,7 @@ prepare() {
     build_root
     configure_root
     [[ $(in_root uname -m) == aarch64 ]] || {
-        echo "test-arm64: the root does not run as aarch64" >&2
+        echo "test-arm64: the root does not run as aarch64 (is $BINFMT/qemu-aarch64 enabled, with flag F?)" >&2
         return 1
     }
     sync_source

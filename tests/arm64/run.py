@@ -14,6 +14,7 @@ failed (or the whole test was skipped: not root, no binfmt_misc), 1 otherwise.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -220,7 +221,20 @@ def _eval_batches(bundle: Path, data: Path) -> list:
     return make_batches(load_examples(data, tok, 64), 8, tok.pad_token_id, seed=0, epoch=0)
 
 
+def exclusive() -> int:
+    """Serialise runs on this machine: they share the root's /opt/edgeft and WORK. The lock lives
+    in /tmp so that a run without root can still get as far as root.sh's skip line."""
+    fd = os.open("/tmp/edgeft-test-arm64.lock", os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("test-arm64: waiting for another run on this machine", flush=True)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
 def main() -> int:
+    exclusive()
     prepared = subprocess.run(["bash", str(ROOT_SH), "prepare"]).returncode
     if prepared == SKIPPED:
         return 0
