@@ -8,7 +8,7 @@ DEVICE_STAMP := $(DEVICE_VENV)/.installed
 OLD_DEVICE_STAMP := $(OLD_DEVICE_VENV)/.installed
 PIP_FLAGS := --quiet --disable-pip-version-check
 
-.PHONY: demo test lint format clean venv device-venv old-device-venv
+.PHONY: demo test test-arm64 lint format clean venv device-venv old-device-venv
 
 venv: $(HOST_STAMP)
 device-venv: $(DEVICE_STAMP)
@@ -40,6 +40,11 @@ demo: $(HOST_STAMP)
 test: $(HOST_STAMP) $(DEVICE_STAMP) $(OLD_DEVICE_STAMP)
 	EDGEFT_DEVICE_VENV="$(CURDIR)/$(DEVICE_VENV)" EDGEFT_OLD_DEVICE_VENV="$(CURDIR)/$(OLD_DEVICE_VENV)" \
 		$(VENV)/bin/python -m pytest -q
+
+# Linux aarch64 under qemu-user (needs root): a Debian arm64 root built once in /var/cache/edgeft
+# (EDGEFT_ARM64_ROOT) trains, evaluates and generates; compared with .venv-device. tests/arm64/run.py
+test-arm64: $(HOST_STAMP) $(DEVICE_STAMP)
+	EDGEFT_DEVICE_VENV="$(CURDIR)/$(DEVICE_VENV)" $(VENV)/bin/python tests/arm64/run.py
 
 lint: $(HOST_STAMP)
 	$(VENV)/bin/ruff check edgeft tests examples
