@@ -1,9 +1,11 @@
 """Memory planner: peak RSS of training and of serving a bundle, before running either.
 
 The estimate is structural (weights, LoRA and optimizer state, activations, KV cache) with
-coefficients measured on ONNX Runtime 1.19 (training) and 1.32 (plain serving), CPU, fp32:
-24 training runs over four model shapes (7-150 MB of weights, vocab 512-16000, batch 1-8,
-sequence 64-512) fell within ±7 % of the fitted formula, 6 serving runs within ±16 %.
+coefficients measured on plain onnxruntime 1.32, CPU, fp32: 30 training runs over five model
+shapes (llama, qwen2 with tied embeddings, phi3; 27-364 MB of weights, vocab 512-32064, batch
+1-4, sequence 128-1024) fell within ±7 % of the fitted formula but one (+14 %: phi3 with a 32064
+vocabulary at batch 1 x 128, whose embedding rows are mostly never read, so never resident);
+6 serving runs within ±16 %.
 The interpreter and runtime libraries are measured, not assumed: the planner reads its own
 resident memory after importing the runtime that will run the job.
 """
@@ -21,11 +23,11 @@ from edgeft.models import MODEL_TABLE
 MB = 1 << 20
 F32 = 4
 
-# Training (ORT training Module): see module docstring for how these were measured.
-TRAIN_OVERHEAD_MB = 33.0  # two sessions (training + eval graph), kernels, arena slack
-TRAIN_PER_LAYER_TOKEN = 9.92  # x T * layers * (hidden + intermediate) floats saved for backward
-TRAIN_ATTENTION = 1.12  # x batch * layers * heads * seq^2 floats (scores, softmax, grads)
-TRAIN_VOCAB = 4.24  # x T * vocab floats (logits etc.; exist for labelled rows only: T is the upper bound)
+# Training (LoraGraphs: training + eval sessions over one mapping of the weights; module docstring).
+TRAIN_OVERHEAD_MB = 25.0  # two sessions, kernels, arena slack
+TRAIN_PER_LAYER_TOKEN = 9.62  # x T * layers * (hidden + intermediate) floats saved for backward
+TRAIN_ATTENTION = 1.29  # x batch * layers * heads * seq^2 floats (scores, softmax, grads)
+TRAIN_VOCAB = 3.37  # x T * vocab floats (logits etc.; exist for labelled rows only: T is the upper bound)
 # Serving (decoder session): transposed copies of linear weights are folded at session start.
 SERVE_OVERHEAD_MB = 19.0
 SERVE_LINEAR_COPY = 0.4
@@ -90,17 +92,15 @@ def plan(bundle: Bundle, batch_size: int = 4, max_seq_len: int | None = None, ru
     lora = bundle.manifest["lora"]["trainable_parameters"] * F32 / MB
     base = runtime_baseline_mb() if runtime_mb is None else runtime_mb
     act = _train_activations_mb(shape, batch_size, seq)
-    lora_state = 6 * lora  # params, grads, 2 AdamW moments, numpy copies in the update
-    load_peak = base + TRAIN_OVERHEAD_MB + 2 * weights + lora_state  # contiguous buffer + ORT's copy
-    if quant:  # only the float parameters go through the buffer; the quantized ones are mapped
-        load_peak = base + TRAIN_OVERHEAD_MB + weights + lora_state
-    step_peak = base + TRAIN_OVERHEAD_MB + weights + lora_state + act
+    lora_state = 6 * lora  # params, gradient outputs, their sum, 2 AdamW moments, update temporaries
+    # The weights are mapped once (file-backed pages, resident once read) and shared by both sessions.
+    train_peak = base + TRAIN_OVERHEAD_MB + weights + lora_state + act
     kv = SERVE_KV_COPIES * 2 * shape.layers * shape.kv_heads * shape.head_dim * seq * F32 / MB
     serve_load = base + SERVE_OVERHEAD_MB + weights + SERVE_LINEAR_COPY * (weights - embed)
     if quant and quant.get("scheme") == "int8":  # the decoder session folds int8 weights to float32
         serve_load = base + SERVE_OVERHEAD_MB + weights + (1 + SERVE_LINEAR_COPY) * (fp32_weights - embed)
     serve = serve_load + max(_prefill_mb(shape, seq), kv)
-    return Plan(max(load_peak, step_peak), serve, base, weights, lora_state, act, kv, batch_size, seq)
+    return Plan(train_peak, serve, base, weights, lora_state, act, kv, batch_size, seq)
 
 
 def _train_activations_mb(s: _Shape, batch: int, seq: int) -> float:
