@@ -28,6 +28,7 @@ TRAIN_OVERHEAD_MB = 25.0  # two sessions, kernels, arena slack
 TRAIN_PER_LAYER_TOKEN = 9.62  # x T * layers * (hidden + intermediate) floats saved for backward
 TRAIN_ATTENTION = 1.29  # x batch * layers * heads * seq^2 floats (scores, softmax, grads)
 TRAIN_VOCAB = 3.37  # x T * vocab floats (logits etc.; exist for labelled rows only: T is the upper bound)
+QUANT_DEQUANT_COPIES = 2.0  # x (largest layer + lm_head) float32 weights, quantized bundles only
 # Serving (decoder session): transposed copies of linear weights are folded at session start.
 SERVE_OVERHEAD_MB = 19.0
 SERVE_LINEAR_COPY = 0.4
@@ -92,6 +93,8 @@ def plan(bundle: Bundle, batch_size: int = 4, max_seq_len: int | None = None, ru
     lora = bundle.manifest["lora"]["trainable_parameters"] * F32 / MB
     base = runtime_baseline_mb() if runtime_mb is None else runtime_mb
     act = _train_activations_mb(shape, batch_size, seq)
+    if quant:  # dequantized float32 weights alive during a step (measured 60-250 MB on 27-364 MB models)
+        act += QUANT_DEQUANT_COPIES * _largest_dequantized_mb(bundle)
     lora_state = 6 * lora  # params, gradient outputs, their sum, 2 AdamW moments, update temporaries
     # The weights are mapped once (file-backed pages, resident once read) and shared by both sessions.
     train_peak = base + TRAIN_OVERHEAD_MB + weights + lora_state + act
@@ -137,6 +140,22 @@ def _quantized_weights_mb(bundle: Bundle, quant: dict) -> float:
             blocks = math.ceil(cols / block)
             total += rows * blocks * (block // 2 + F32)
     return total / MB
+
+
+def _largest_dequantized_mb(bundle: Bundle) -> float:
+    """float32 size of the biggest decoder layer's quantized weights plus the output head's."""
+    layers: dict[str, int] = {}
+    head = 0
+    for p in bundle.frozen:
+        if "quantized" not in p:
+            continue
+        n = math.prod(p["shape"])
+        layer = p["key"].split(".layers.", 1)[1].split(".", 1)[0] if ".layers." in p["key"] else None
+        if layer is not None:
+            layers[layer] = layers.get(layer, 0) + n
+        elif "embed" not in p["key"]:
+            head += n
+    return (max(layers.values(), default=0) + head) * F32 / MB
 
 
 def _embedding_mb(bundle: Bundle) -> float:

@@ -24,18 +24,25 @@ from edgeft.device.weights import BundleWeights
 
 
 def graph_session(provider: str | None = None, threads: int | None = None) -> SessionConfig:
-    """Session options of the training and eval graphs, all for memory (numerics unchanged):
+    """Session options of the training and eval graphs, all for memory (numerics unchanged).
+    Measured on a 364 MB llama-shaped bundle, batch 1 (benchmarks/RESULTS.md has the grid):
     - no constant folding: it would fold Transpose(W) and the dequantization of quantized weights
-      into new float32 copies of every weight (measured: +390 MB on a 364 MB model);
-    - no pre-packing: MLAS would keep packed copies of the weights for the forward and the backward
-      (+480 MB on that model);
+      into new float32 copies of every weight (+390 MB);
+    - no pre-packing: MLAS would keep packed copies of the weights for the forward and the
+      backward (+480 MB);
+    - no planned buffer reuse: onnxruntime hands a freed activation's buffer to a later tensor,
+      which keeps it alive as long as that tensor lives; across the backward this held 1.3-4x the
+      live activations (seq 1024: 1815 -> 1448 MB, and with layer recomputation 1552 -> 435 MB);
+    - no common-subexpression elimination: it would merge layer recomputation back into the
+      forward (edgeft/host/recompute.py);
     - no memory pattern: it pre-plans one block per input shape (+1 GB at batch 4 x seq 512 on a
-      160M-parameter model, no speed gain; benchmarks/RESULTS.md)."""
+      160M-parameter model, no speed gain)."""
     return SessionConfig(
         provider=provider,
         threads=threads,
         mem_pattern=False,
-        disabled_optimizers=["ConstantFolding"],
+        mem_reuse=False,
+        disabled_optimizers=["ConstantFolding", "CommonSubexpressionElimination"],
         config_entries={"session.disable_prepacking": "1"},
     )
 

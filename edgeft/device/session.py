@@ -41,6 +41,7 @@ class SessionConfig:
     threads: int | None = None  # intra-op threads; None = onnxruntime's default (all cores)
     deterministic: bool = True
     mem_pattern: bool = True
+    mem_reuse: bool = True  # onnxruntime's planned buffer reuse between tensors
     disabled_optimizers: list[str] = field(default_factory=list)
     config_entries: dict[str, str] = field(default_factory=dict)  # SessionOptions.add_session_config_entry
 
@@ -90,6 +91,7 @@ def session_options(cfg: SessionConfig):
     opts.inter_op_num_threads = 1
     opts.use_deterministic_compute = cfg.deterministic
     opts.enable_mem_pattern = cfg.mem_pattern
+    opts.enable_mem_reuse = cfg.mem_reuse
     opts.log_severity_level = 3
     for key, value in cfg.config_entries.items():
         opts.add_session_config_entry(key, value)

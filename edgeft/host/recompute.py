@@ -1,0 +1,114 @@
+"""Host pass: layer recomputation. The backward of each decoder layer recomputes that layer's
+forward from the layer's inputs instead of keeping its activations from the forward pass.
+
+After the gradient graph is built, every tensor a decoder layer's forward produces and the backward
+reads is "saved" (kept alive from the forward to the backward). For each layer this pass clones the
+forward nodes those tensors need, starting from what the layer receives (its residual input, the
+shared mask and rotary tables, the weights), and points the backward at the clones. The forward
+activations then die as soon as the forward is done with them; during the backward one layer's are
+alive at a time. Values are unchanged (the same ops on the same inputs).
+
+Kept as they are: Dropout nodes (a second draw would differ from the forward's mask) and anything
+outside the decoder layers (embedding, final norm, head, loss). The device must run these graphs
+with onnxruntime's common-subexpression elimination off, which would merge the clones back into
+the forward (``edgeft.device.runtime.graph_session``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+from edgeft.host.graph import producers, set_nodes
+
+LAYER = re.compile(r"^/model/layers\.(\d+)/")
+SUFFIX = "/rc"
+KEEP_OPS = {"Dropout"}  # random: recomputing would draw another mask
+
+
+def recompute_layers(graph, loss: str = "loss") -> int:
+    """Rewrite ``graph`` (a lowered training graph) in place; returns how many layers now recompute."""
+    made_by = producers(graph)
+    forward = _ancestors(made_by, [loss])
+    saved = _saved_by_layer(graph, made_by, forward)
+    inserts: dict[int, list] = {}  # index of a backward node -> clones to place before it
+    position = {id(n): i for i, n in enumerate(graph.node)}
+    for layer, tensors in sorted(saved.items()):
+        clones, renamed = _clone_layer(layer, tensors, made_by, forward)
+        if not clones:
+            continue
+        first = len(graph.node)
+        for node in graph.node:
+            if id(node) in forward:
+                continue
+            hit = [i for i, name in enumerate(node.input) if name in renamed]
+            for i in hit:
+                node.input[i] = renamed[node.input[i]]
+            if hit:
+                first = min(first, position[id(node)])
+        inserts.setdefault(first, []).extend(clones)
+    body = []
+    for i, node in enumerate(graph.node):
+        body.extend(inserts.get(i, []))
+        body.append(node)
+    set_nodes(graph, body)
+    return sum(1 for clones in inserts.values() if clones)
+
+
+def _ancestors(made_by: dict, outputs: list[str]) -> set[int]:
+    """ids of the nodes needed to compute ``outputs`` (the forward pass, for the loss)."""
+    seen: set[int] = set()
+    stack = list(outputs)
+    while stack:
+        node = made_by.get(stack.pop())
+        if node is not None and id(node) not in seen:
+            seen.add(id(node))
+            stack.extend(i for i in node.input if i)
+    return seen
+
+
+def _saved_by_layer(graph, made_by: dict, forward: set[int]) -> dict[int, list[str]]:
+    """Per decoder layer: the tensors its forward nodes produce that a backward node reads."""
+    saved: dict[int, list[str]] = defaultdict(list)
+    for node in graph.node:
+        if id(node) in forward:
+            continue
+        for name in node.input:
+            src = made_by.get(name)
+            match = LAYER.match(src.name) if src is not None and id(src) in forward else None
+            if match and src.op_type not in KEEP_OPS and name not in saved[int(match.group(1))]:
+                saved[int(match.group(1))].append(name)
+    return saved
+
+
+def _clone_layer(layer: int, tensors: list[str], made_by: dict, forward: set[int]):
+    """Clones (in topological order) of the layer's forward nodes that produce ``tensors``, and the
+    renaming {original tensor: recomputed tensor}. The walk stops at anything made outside the layer."""
+    order: list = []
+    seen: set[int] = set()
+
+    def visit(name: str) -> None:
+        node = made_by.get(name)
+        if node is None or id(node) not in forward or id(node) in seen or node.op_type in KEEP_OPS:
+            return
+        match = LAYER.match(node.name)
+        if not match or int(match.group(1)) != layer:
+            return
+        seen.add(id(node))
+        for i in node.input:
+            if i:
+                visit(i)
+        order.append(node)
+
+    for name in tensors:
+        visit(name)
+    renamed = {o: o + SUFFIX for node in order for o in node.output if o}
+    clones = []
+    for node in order:
+        clone = type(node)()
+        clone.CopyFrom(node)
+        clone.name = node.name + SUFFIX
+        clone.input[:] = [renamed.get(i, i) for i in node.input]
+        clone.output[:] = [renamed.get(o, o) for o in node.output]
+        clones.append(clone)
+    return clones, {t: renamed[t] for t in tensors if t in renamed}
