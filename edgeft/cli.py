@@ -98,6 +98,14 @@ TRUSTED_KEY = click.option(
     callback=lambda ctx, param, value: int(value),
     help="Block size along the input dimension for --quantize int4.",
 )
+@click.option(
+    "--recompute",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "none", "layers"]),
+    help="Layer recomputation in the backward (less memory, more compute). auto: write both training "
+    "graphs and let `edgeft train` pick the one that fits the device's memory.",
+)
 @PROFILE
 def export(profile, max_seq_len, quantize, **options):
     """(host) Export MODEL_DIR (a Hugging Face causal LM) to a training bundle."""
@@ -135,6 +143,14 @@ def export(profile, max_seq_len, quantize, **options):
     "memory_budget_mb",
     type=click.FloatRange(min=1),
     help="MB; refuse runs estimated above it [default: the profile's, else available memory].",
+)
+@click.option(
+    "--recompute",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "none", "layers"]),
+    help="Layer recomputation (less memory, ~30 % more compute). auto: only when the run would not fit "
+    "the memory budget otherwise (needs a bundle exported with --recompute auto).",
 )
 @click.option("--no-progress", is_flag=True)
 @PROFILE
@@ -286,7 +302,8 @@ def plan(bundle, batch_size, max_seq_len, as_json, trusted_key):
         click.echo(json.dumps(result))
         return
     click.echo(
-        f"training  (batch {result['batch_size']}, seq {result['max_seq_len']}): {result['train_peak_mb']:.0f} MB peak"
+        f"training  (batch {result['batch_size']}, seq {result['max_seq_len']}): {result['train_peak_mb']:.0f} MB peak, "
+        f"{result['train_recompute_peak_mb']:.0f} MB with layer recomputation"
     )
     click.echo(f"serving   (one request of {result['max_seq_len']} tokens):  {result['serve_peak_mb']:.0f} MB peak")
     parts = ("runtime_mb", "weights_mb", "lora_state_mb", "train_activations_mb", "kv_cache_mb")

@@ -28,6 +28,9 @@ TRAIN_OVERHEAD_MB = 25.0  # two sessions, kernels, arena slack
 TRAIN_PER_LAYER_TOKEN = 9.62  # x T * layers * (hidden + intermediate) floats saved for backward
 TRAIN_ATTENTION = 1.29  # x batch * layers * heads * seq^2 floats (scores, softmax, grads)
 TRAIN_VOCAB = 3.37  # x T * vocab floats (logits etc.; exist for labelled rows only: T is the upper bound)
+RECOMPUTE_KEPT = 1.0  # x T * layers * hidden floats: each layer's input
+RECOMPUTE_LAYER_TOKEN = 20.0  # x T * (hidden + intermediate) floats: one layer's forward + backward
+RECOMPUTE_ATTENTION = 4.0  # x batch * heads * seq^2 floats: that layer's scores, probabilities, grads
 QUANT_DEQUANT_COPIES = 2.0  # x (largest layer + lm_head) float32 weights, quantized bundles only
 # Serving (decoder session): transposed copies of linear weights are folded at session start.
 SERVE_OVERHEAD_MB = 19.0
@@ -39,11 +42,13 @@ SERVE_KV_COPIES = 2  # the cache fed in and the grown cache coming out
 @dataclass
 class Plan:
     train_peak_mb: float
+    train_recompute_peak_mb: float  # with layer recomputation (export --recompute auto|layers)
     serve_peak_mb: float
     runtime_mb: float
     weights_mb: float
     lora_state_mb: float
     train_activations_mb: float
+    train_recompute_activations_mb: float
     kv_cache_mb: float
     batch_size: int
     max_seq_len: int
@@ -93,17 +98,20 @@ def plan(bundle: Bundle, batch_size: int = 4, max_seq_len: int | None = None, ru
     lora = bundle.manifest["lora"]["trainable_parameters"] * F32 / MB
     base = runtime_baseline_mb() if runtime_mb is None else runtime_mb
     act = _train_activations_mb(shape, batch_size, seq)
+    act_rc = _recompute_activations_mb(shape, batch_size, seq)
     if quant:  # dequantized float32 weights alive during a step (measured 60-250 MB on 27-364 MB models)
-        act += QUANT_DEQUANT_COPIES * _largest_dequantized_mb(bundle)
+        dequant = QUANT_DEQUANT_COPIES * _largest_dequantized_mb(bundle)
+        act, act_rc = act + dequant, act_rc + dequant
     lora_state = 6 * lora  # params, gradient outputs, their sum, 2 AdamW moments, update temporaries
     # The weights are mapped once (file-backed pages, resident once read) and shared by both sessions.
     train_peak = base + TRAIN_OVERHEAD_MB + weights + lora_state + act
+    train_recompute_peak = base + TRAIN_OVERHEAD_MB + weights + lora_state + act_rc
     kv = SERVE_KV_COPIES * 2 * shape.layers * shape.kv_heads * shape.head_dim * seq * F32 / MB
     serve_load = base + SERVE_OVERHEAD_MB + weights + SERVE_LINEAR_COPY * (weights - embed)
     if quant and quant.get("scheme") == "int8":  # the decoder session folds int8 weights to float32
         serve_load = base + SERVE_OVERHEAD_MB + weights + (1 + SERVE_LINEAR_COPY) * (fp32_weights - embed)
     serve = serve_load + max(_prefill_mb(shape, seq), kv)
-    return Plan(train_peak, serve, base, weights, lora_state, act, kv, batch_size, seq)
+    return Plan(train_peak, train_recompute_peak, serve, base, weights, lora_state, act, act_rc, kv, batch_size, seq)
 
 
 def _train_activations_mb(s: _Shape, batch: int, seq: int) -> float:
@@ -111,6 +119,19 @@ def _train_activations_mb(s: _Shape, batch: int, seq: int) -> float:
     floats = (
         TRAIN_PER_LAYER_TOKEN * s.activation_factor * tokens * s.layers * (s.hidden + s.intermediate)
         + TRAIN_ATTENTION * batch * s.layers * s.heads * seq * seq
+        + TRAIN_VOCAB * tokens * s.vocab
+    )
+    return floats * F32 / MB
+
+
+def _recompute_activations_mb(s: _Shape, batch: int, seq: int) -> float:
+    """With layer recomputation: every layer's input is kept; one layer's activations (and its
+    backward) are alive at a time; the head's term is unchanged."""
+    tokens = batch * seq
+    floats = (
+        RECOMPUTE_KEPT * tokens * s.layers * s.hidden
+        + RECOMPUTE_LAYER_TOKEN * s.activation_factor * tokens * (s.hidden + s.intermediate)
+        + RECOMPUTE_ATTENTION * batch * s.heads * seq * seq
         + TRAIN_VOCAB * tokens * s.vocab
     )
     return floats * F32 / MB

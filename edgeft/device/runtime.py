@@ -21,6 +21,7 @@ from edgeft.bundle import GRAPH_INPUTS, Bundle
 from edgeft.device.data import Batch
 from edgeft.device.session import SessionConfig, onnxruntime, open_session
 from edgeft.device.weights import BundleWeights
+from edgeft.errors import EdgeftError
 
 
 def graph_session(provider: str | None = None, threads: int | None = None) -> SessionConfig:
@@ -47,19 +48,29 @@ def graph_session(provider: str | None = None, threads: int | None = None) -> Se
     )
 
 
+def training_variants(bundle: Bundle) -> dict[bool, str]:
+    """{recompute: manifest graph name} of the bundle's training graphs (export --recompute)."""
+    graphs = bundle.manifest["graphs"]
+    return {bool(graphs[name].get("recompute")): name for name in ("training", "training_recompute") if name in graphs}
+
+
 class LoraGraphs:
     """``loss(lora, batch, denominator)`` and ``loss_and_grads(lora, batch, denominator)``."""
 
-    def __init__(self, bundle: Bundle, session: SessionConfig | None = None):
+    def __init__(self, bundle: Bundle, session: SessionConfig | None = None, recompute: bool = False):
         self.bundle = bundle
         self.config = session or graph_session()
+        self.training_graph = training_variants(bundle).get(recompute)
+        if self.training_graph is None:
+            kind = "with" if recompute else "without"
+            raise EdgeftError(f"{bundle.root}: this bundle has no training graph {kind} layer recomputation")
         self.weights = BundleWeights(bundle)  # one mapping shared by both sessions
         self.names = [p["onnx"] for p in bundle.trainable]
-        self._gradients = bundle.manifest["graphs"]["training"]["gradients"]
+        self._gradients = bundle.manifest["graphs"][self.training_graph]["gradients"]
 
     @cached_property
     def _training(self) -> _Bound:
-        return _Bound(self.bundle, "training", self.config, self.weights)
+        return _Bound(self.bundle, self.training_graph, self.config, self.weights)
 
     @cached_property
     def _eval(self) -> _Bound:

@@ -27,7 +27,7 @@ from edgeft.device.data import Batch, Example, load_examples, make_batches
 from edgeft.device.evaluate import mean_loss
 from edgeft.device.optim import AdamW, linear_schedule
 from edgeft.device.planner import available_memory_mb, peak_rss_mb, plan
-from edgeft.device.runtime import LoraGraphs, graph_session
+from edgeft.device.runtime import LoraGraphs, graph_session, training_variants
 from edgeft.device.tokenizer import BundleTokenizer
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_write_json, fsync_dir, fsync_tree, is_disk_full, sha256_file, write_bytes
@@ -60,6 +60,7 @@ class TrainConfig:
     memory_budget_mb: float | None = None
     provider: str | None = None
     trusted_key: Path | None = None  # public key the bundle must be signed by (default: env EDGEFT_TRUSTED_KEY)
+    recompute: str = "auto"  # "none" | "layers" | "auto": layer recomputation only when needed to fit
 
 
 @dataclass
@@ -80,35 +81,50 @@ def train(cfg: TrainConfig) -> dict:
     examples = load_examples(cfg.data, tok, seq_len, truncate=cfg.truncate)
     evals = load_examples(cfg.eval_data, tok, seq_len, truncate=cfg.truncate) if cfg.eval_data else None
     batch_seq = min(seq_len, max(len(e.input_ids) for e in examples + (evals or [])))
-    check_memory(bundle, cfg.batch_size, batch_seq, settings.memory_budget_mb)
-    run = _Run(cfg, bundle, tok, examples, settings)
+    recompute = check_memory(bundle, cfg.batch_size, batch_seq, settings.memory_budget_mb, cfg.recompute)
+    run = _Run(cfg, bundle, tok, examples, settings, recompute)
     return run.execute(evals)
 
 
-def check_memory(bundle: Bundle, batch_size: int, seq_len: int, budget_mb: float | None) -> None:
-    """Refuse, with the estimate and a way out, a run the device cannot hold (instead of being
-    killed by the OOM killer halfway). The budget is --memory-budget, the profile's, or the
-    memory available right now."""
+def check_memory(bundle: Bundle, batch_size: int, seq_len: int, budget_mb: float | None, mode: str = "auto") -> bool:
+    """Pick layer recomputation or not (``mode``: none | layers | auto) and refuse, with the
+    estimate and a way out, a run the device cannot hold (instead of being killed by the OOM
+    killer halfway). ``auto`` recomputes only when the run would not fit otherwise. The budget is
+    --memory-budget, the profile's, or the memory available right now. Returns: recompute?"""
+    variants = training_variants(bundle)
+    if mode == "none" and False not in variants:
+        raise EdgeftError(f"{bundle.root}: exported with --recompute layers; it has no training graph without it")
+    if mode == "layers" and True not in variants:
+        raise EdgeftError(f"{bundle.root}: exported with --recompute none; re-export with --recompute auto or layers")
+    choices = [v for v in (False, True) if v in variants and mode in ("auto", "layers" if v else "none")]
     budget = budget_mb or available_memory_mb()
     if budget is None:
-        return
-    need = plan(bundle, batch_size, seq_len).train_peak_mb
-    if need <= budget:
-        return
+        return choices[0]
+    estimate = plan(bundle, batch_size, seq_len)
+    for recompute in choices:
+        need = estimate.train_recompute_peak_mb if recompute else estimate.train_peak_mb
+        if need <= budget:
+            return recompute
+    best = choices[-1]  # the smallest variant allowed: the hints estimate with it
+
+    def peak(batch: int, seq: int) -> float:
+        p = plan(bundle, batch, seq)
+        return p.train_recompute_peak_mb if best else p.train_peak_mb
+
     hints = []
+    if True not in variants and mode == "auto":
+        hints.append(f"a bundle exported with --recompute auto (~{estimate.train_recompute_peak_mb:.0f} MB)")
     if batch_size > 1:
         smaller = max(1, batch_size // 2)
-        estimate = plan(bundle, smaller, seq_len).train_peak_mb
-        hints.append(f"--batch-size {smaller} --grad-accum {batch_size // smaller} (~{estimate:.0f} MB)")
+        hints.append(f"--batch-size {smaller} --grad-accum {batch_size // smaller} (~{peak(smaller, seq_len):.0f} MB)")
     if seq_len > 64:
-        hints.append(
-            f"--max-seq-len {seq_len // 2} --truncate (~{plan(bundle, batch_size, seq_len // 2).train_peak_mb:.0f} MB)"
-        )
+        hints.append(f"--max-seq-len {seq_len // 2} --truncate (~{peak(batch_size, seq_len // 2):.0f} MB)")
     if not bundle.manifest.get("quantization"):
         hints.append("a bundle exported with --quantize int8 or int4 (base weights in 1/4 or 1/6 of the memory)")
     raise EdgeftError(
-        f"training needs about {need:.0f} MB at batch {batch_size} x {seq_len} tokens but the memory budget is "
-        f"{budget:.0f} MB; try {', or '.join(hints)}, or raise --memory-budget"
+        f"training needs about {peak(batch_size, seq_len):.0f} MB at batch {batch_size} x {seq_len} tokens"
+        f"{' with layer recomputation' if best else ''} but the memory budget is {budget:.0f} MB; "
+        f"try {', or '.join(hints)}, or raise --memory-budget"
     )
 
 
@@ -133,9 +149,16 @@ class _Run:
     """State of one training run: model, optimizer, data position, history."""
 
     def __init__(
-        self, cfg: TrainConfig, bundle: Bundle, tok: BundleTokenizer, examples: list[Example], settings: RuntimeSettings
+        self,
+        cfg: TrainConfig,
+        bundle: Bundle,
+        tok: BundleTokenizer,
+        examples: list[Example],
+        settings: RuntimeSettings,
+        recompute: bool = False,
     ):
         self.cfg, self.bundle, self.examples, self.settings = cfg, bundle, examples, settings
+        self.recompute = recompute
         self.pad = tok.pad_token_id
         self.out = Path(cfg.out)
         self.n_batches = math.ceil(len(examples) / cfg.batch_size)
@@ -171,7 +194,7 @@ class _Run:
         if lora is None:
             lora = load_adapter(self.bundle.path(self.bundle.manifest["lora"]["init_adapter"]), self.bundle)
         self.lora = {n: np.array(lora[n], np.float32) for n in lora}  # owned here, updated in place
-        model = LoraGraphs(self.bundle, graph_session(self.settings.provider, self.settings.threads))
+        model = LoraGraphs(self.bundle, graph_session(self.settings.provider, self.settings.threads), self.recompute)
         before = mean_loss(model, self.lora, evals, self.cfg.batch_size, self.pad)[0] if evals else None
         self._loop(model)
         after = mean_loss(model, self.lora, evals, self.cfg.batch_size, self.pad)[0] if evals else None
@@ -320,6 +343,7 @@ class _Run:
             "tokens": self.tokens,
             "tokens_per_second": self.tokens / max(self.seconds, 1e-9),
             "peak_rss_mb": peak_rss_mb(),
+            "recompute": self.recompute,
             "seconds": self.seconds,
             "adapter": str(self.out / "adapter"),
         }

@@ -27,6 +27,8 @@ from edgeft.signing import load_private_key, sign_bundle
 
 log = logging.getLogger(__name__)
 TRAINING, EVAL = "training_model.onnx", "eval_model.onnx"
+TRAINING_RECOMPUTE = "training_recompute.onnx"
+RECOMPUTE = ("auto", "none", "layers")
 ADAM = {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "max_grad_norm": 1.0}
 
 
@@ -48,6 +50,7 @@ class ExportConfig:
     sign_key: Path | None = None  # ed25519 private key (edgeft keygen): writes manifest.json.sig
     quantize: str | None = None  # "int8" | "int4": quantized frozen base weights (edgeft/host/quantize.py)
     quant_block_size: int = 32  # int4 block size along K (MatMulNBits layout)
+    recompute: str = "auto"  # "none" | "layers" | "auto" (both training graphs; the device picks)
 
 
 def export_bundle(cfg: ExportConfig) -> Path:
@@ -105,6 +108,8 @@ def _check_method_options(cfg: ExportConfig) -> None:
 
     check_pattern(cfg.rank_pattern, "--rank-pattern", integer=True)
     check_pattern(cfg.alpha_pattern, "--alpha-pattern", integer=False)
+    if cfg.recompute not in RECOMPUTE:
+        raise EdgeftError(f"--recompute must be one of {', '.join(RECOMPUTE)}, not {cfg.recompute!r}")
     if cfg.use_dora and getattr(cfg, "quantize", None):
         raise EdgeftError("--dora cannot be combined with --quantize (DoRA needs the float base weights)")
     if cfg.quantize is not None:
@@ -311,7 +316,7 @@ def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out:
 
         recompute_in_backward(training.graph, quant)
     graphs = {}
-    for name, model, file in (("training", training, TRAINING), ("eval", evaluation, EVAL)):
+    for name, model, file in _training_graphs(cfg.recompute, training, evaluation):
         externalize(model.graph, file_keys, ranges, {})
         onnx.save(model, str(out / file))
         graphs[name] = {
@@ -319,7 +324,9 @@ def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out:
             "inputs": [i.name for i in model.graph.input],
             "outputs": [o.name for o in model.graph.output],
         }
-    graphs["training"]["gradients"] = {n: f"{n}_grad" for n in graphs["training"]["inputs"] if n in trainable}
+        if name != "eval":
+            graphs[name]["gradients"] = {n: f"{n}_grad" for n in graphs[name]["inputs"] if n in trainable}
+            graphs[name]["recompute"] = file == TRAINING_RECOMPUTE or cfg.recompute == "layers"
     with dora_for_onnx(stop_gradient=False):
         graphs.update(export_decoders(peft_model, hf_config, file_keys, ranges, out, quant))
     _write_init_adapter(peft_model, lora_cfg, {n: params[n] for n in trainable}, keys, out / "adapter")
@@ -327,6 +334,24 @@ def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out:
     manifest = _manifest(cfg, lora_cfg, hf_config, keys, params, frozen, trainable, graphs, quant, out)
     manifest["lora"]["scaling"] = dict(sorted(lora_scaling(peft_model).items()))
     atomic_write_json(out / MANIFEST, manifest)
+
+
+def _training_graphs(recompute: str, training, evaluation) -> list[tuple]:
+    """(manifest name, model, file) of the graphs to write: ``graphs.training`` is the device's
+    default; with ``auto`` the layer-recomputing variant is ``graphs.training_recompute`` beside it."""
+    from edgeft.host.recompute import recompute_layers
+
+    graphs = [("eval", evaluation, EVAL)]
+    if recompute != "layers":
+        graphs.append(("training", training, TRAINING))
+    if recompute != "none":
+        variant = type(training)()
+        variant.CopyFrom(training)
+        if not recompute_layers(variant.graph):
+            raise EdgeftError("--recompute: found no decoder layers to recompute in this model's training graph")
+        name = "training" if recompute == "layers" else "training_recompute"
+        graphs.append((name, variant, TRAINING if recompute == "layers" else TRAINING_RECOMPUTE))
+    return graphs
 
 
 def _check_graph_inputs(forward, params: dict, trainable: list[str]) -> None:
