@@ -99,6 +99,14 @@ TRUSTED_KEY = click.option(
     help="Block size along the input dimension for --quantize int4.",
 )
 @click.option(
+    "--quant-compute",
+    default="int8",
+    show_default=True,
+    type=click.Choice(["int8", "fp32", "dequant"]),
+    help="With --quantize int4, how training multiplies by the frozen weights: int8 or fp32 compute "
+    "(MatMulNBits; the backward reads a second int4 layout of W^T), or dequant (float32 weights each step).",
+)
+@click.option(
     "--recompute",
     default="auto",
     show_default=True,

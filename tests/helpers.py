@@ -195,11 +195,38 @@ def torch_model_like_bundle(model_dir: Path, bundle: Path, adapter: Path):
     if quantized:
         stored = load_file(str(bundle / "weights.safetensors"))
         params = dict(model.named_parameters())
+        modules = dict(model.named_modules())
         with torch.no_grad():
             for p in quantized:
                 w = dequantize(stored[p["key"]], stored[p["quantized"]["scales_key"]], p["shape"][1])
                 params[p["onnx"]].copy_(torch.from_numpy(w))
+                if "transposed" in p["quantized"]:  # low-precision int4: the backward reads W^T's own layout
+                    data, scales = (stored[k] for k in p["quantized"]["transposed"].values())
+                    w_t = dequantize(data, scales.reshape(data.shape[0], -1), p["shape"][0])
+                    for linear in modules.values():  # every Linear using it (a tied embedding's is lm_head)
+                        if isinstance(linear, torch.nn.Linear) and linear.weight is params[p["onnx"]]:
+                            _backward_weight(linear, torch.from_numpy(w_t.T.copy()))
     return model
+
+
+def _backward_weight(linear, w_backward) -> None:
+    """Make ``linear`` compute its input gradient with ``w_backward`` (the forward keeps its weight)."""
+    import torch
+
+    class Product(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight):
+            return x @ weight.T
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad @ w_backward, None
+
+    def forward(x):
+        y = Product.apply(x, linear.weight)
+        return y if linear.bias is None else y + linear.bias
+
+    linear.forward = forward
 
 
 def torch_lora_grads(model, batch: Batch, denominator: float) -> tuple[float, dict[str, np.ndarray]]:

@@ -15,6 +15,7 @@ from edgeft.fsutil import sha256_file
 BUNDLE_FILES = {
     "manifest.json",
     "training_model.onnx",
+    "training_recompute.onnx",
     "eval_model.onnx",
     "decoder_lora.onnx",
     "decoder.onnx",
@@ -42,6 +43,11 @@ def test_bundle_file_set_and_manifest(llama_bundle):
     assert training["inputs"] == evaluation["inputs"] == data + trainable  # frozen weights are not inputs
     assert training["gradients"] == {n: f"{n}_grad" for n in trainable}
     assert training["outputs"] == ["loss", *training["gradients"].values()] and evaluation["outputs"] == ["loss"]
+    recompute = manifest["graphs"]["training_recompute"]  # export --recompute auto (the default): both
+    assert (training["recompute"], recompute["recompute"]) == (False, True)
+    assert {k: recompute[k] for k in ("inputs", "outputs", "gradients")} == {
+        k: training[k] for k in ("inputs", "outputs", "gradients")
+    }
     assert set(manifest["files"]) == BUNDLE_FILES - {"manifest.json"}
     for rel, meta in manifest["files"].items():
         assert meta == {"sha256": sha256_file(llama_bundle / rel), "size": (llama_bundle / rel).stat().st_size}

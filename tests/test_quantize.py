@@ -4,8 +4,9 @@ Quantized tensors: every frozen 2-D weight (token embedding, attention/MLP proje
 RMSNorm weights stay float32; LoRA tensors are float32 everywhere.
 
 Tolerances (tiny random llama, CPU), from measurement:
-- weights.safetensors vs the fp32 bundle's: int8 0.27x, int4 (block 32) 0.16x (limits 0.35x / 0.25x;
-  phi3 the same).
+- weights.safetensors vs the fp32 bundle's: int8 0.27x, int4 (block 32) 0.29x with the second
+  layout of each W^T that low-precision training reads (--quant-compute int8|fp32, the default), 0.16x
+  without it (--quant-compute dequant) (limits 0.35x / 0.32x / 0.25x; phi3 the same).
 - eval loss of a PEFT adapter, quantized vs fp32 bundle: int8 |Δ| 0.001, int4 0.012 nats (limits
   0.02 / 0.08); an adapter trained on the quantized bundle, evaluated on both: int8 0.002, int4
   0.054 nats (same limits).
@@ -30,7 +31,7 @@ from helpers import make_peft_adapter
 from edgeft.cli import main
 
 SCHEMES = ["int8", "int4"]
-SIZE_LIMIT = {"int8": 0.35, "int4": 0.25}
+SIZE_LIMIT = {"int8": 0.35, "int4": 0.32, "int4-dequant": 0.25}
 EVAL_TOL = {"int8": 0.02, "int4": 0.08}
 TRAIN_GAP = 0.02
 PROMPT = "Station north ridge: pump is worn. What should the crew do?"
@@ -53,28 +54,42 @@ def _eval(bundle, data, adapter=None) -> float:
     return json.loads(result.output.strip().splitlines()[-1])["loss"]
 
 
+VARIANTS = {
+    "int8": {"quantize": "int8"},
+    "int4": {"quantize": "int4"},
+    "int4-dequant": {"quantize": "int4", "quant_compute": "dequant"},
+}
+
+
 @pytest.mark.parametrize("model_type", ["llama", "phi3"])
-@pytest.mark.parametrize("scheme", SCHEMES)
-def test_quantized_bundle_is_smaller(factory, scheme, model_type):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_quantized_bundle_is_smaller(factory, variant, model_type):
     from safetensors import safe_open
 
+    scheme = VARIANTS[variant]["quantize"]
+    low_precision = variant == "int4"  # --quant-compute int8 (the default for int4)
     fp32 = factory.bundle(model_type)
-    path = factory.bundle(model_type, quantize=scheme)
+    path = factory.bundle(model_type, **VARIANTS[variant])
     ratio = (path / "weights.safetensors").stat().st_size / (fp32 / "weights.safetensors").stat().st_size
-    assert ratio <= SIZE_LIMIT[scheme], ratio
+    assert ratio <= SIZE_LIMIT[variant], ratio
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["quantization"]["scheme"] == scheme
     if scheme == "int4":
         assert manifest["quantization"]["block_size"] == 32
     quantized = {p["key"] for p in manifest["parameters"] if "quantized" in p}
     names = {p["onnx"] for p in manifest["parameters"] if "quantized" in p}
+    transposed = {
+        k for p in manifest["parameters"] if "quantized" in p for k in p["quantized"].get("transposed", {}).values()
+    }
     fp32_manifest = json.loads((fp32 / "manifest.json").read_text())
     two_d = {p["key"] for p in fp32_manifest["parameters"] if not p["trainable"] and len(p["shape"]) == 2}
     assert quantized == two_d and any("embed_tokens" in k for k in quantized) and "lm_head.weight" in quantized
+    # low precision: every linear weight (not the embedding) also has W^T's layout
+    assert len(transposed) == (2 * (len(quantized) - 1) if low_precision else 0)
     with safe_open(str(path / "weights.safetensors"), framework="numpy") as f:
         for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
             arr = f.get_tensor(key)
-            if key in quantized:
+            if key in quantized or (key in transposed and not key.endswith(".scales")):
                 assert arr.dtype == (np.int8 if scheme == "int8" else np.uint8)
             else:
                 assert arr.dtype == np.float32 and (arr.ndim == 1 or key.endswith(".scales")), key
@@ -92,7 +107,12 @@ def test_quantized_bundle_is_smaller(factory, scheme, model_type):
         if graph.startswith("decoder"):  # linear weights: int4 MatMulNBits, int8 MatMulInteger, no float MatMul
             assert ("MatMulNBits" in ops) == (scheme == "int4"), graph
             assert ("MatMulInteger" in ops) == (scheme == "int8"), graph
-        if graph == "training_model.onnx":  # the backward re-dequantizes (no float copy kept alive)
+        if graph == "training_model.onnx" and low_precision:  # forward and backward products: MatMulNBits
+            nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+            backward = [n for n in nbits if n.input[1].endswith(".qdata_t")]
+            assert backward and len(nbits) - len(backward) == len(quantized) - 1, graph
+            assert not any("/dq/" in n.name and "embed_tokens" not in n.name for n in model.graph.node)
+        elif graph == "training_model.onnx":  # the backward re-dequantizes (no float copy kept alive)
             assert any("/rq/" in n.name for n in model.graph.node)
             produced = {o: n for n in model.graph.node for o in n.output}
             for node in model.graph.node:

@@ -42,6 +42,7 @@ def graph_keys(bundle: Bundle) -> dict[str, str]:
             out[p["onnx"]] = p["key"]
         else:
             out[q["data_input"]], out[q["scales_input"]] = p["key"], q["scales_key"]
+            out.update(q.get("transposed", {}))
     return out
 
 

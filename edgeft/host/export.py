@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 TRAINING, EVAL = "training_model.onnx", "eval_model.onnx"
 TRAINING_RECOMPUTE = "training_recompute.onnx"
 RECOMPUTE = ("auto", "none", "layers")
+ACCURACY_LEVELS = {"int8": 4, "fp32": 0, "dequant": None}  # --quant-compute -> MatMulNBits accuracy_level
 ADAM = {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "max_grad_norm": 1.0}
 
 
@@ -51,6 +52,7 @@ class ExportConfig:
     quantize: str | None = None  # "int8" | "int4": quantized frozen base weights (edgeft/host/quantize.py)
     quant_block_size: int = 32  # int4 block size along K (MatMulNBits layout)
     recompute: str = "auto"  # "none" | "layers" | "auto" (both training graphs; the device picks)
+    quant_compute: str = "int8"  # int4 training matmuls: "int8" | "fp32" (MatMulNBits) | "dequant" (float32)
 
 
 def export_bundle(cfg: ExportConfig) -> Path:
@@ -108,6 +110,8 @@ def _check_method_options(cfg: ExportConfig) -> None:
 
     check_pattern(cfg.rank_pattern, "--rank-pattern", integer=True)
     check_pattern(cfg.alpha_pattern, "--alpha-pattern", integer=False)
+    if cfg.quant_compute not in ACCURACY_LEVELS:
+        raise EdgeftError(f"--quant-compute must be one of {', '.join(ACCURACY_LEVELS)}, not {cfg.quant_compute!r}")
     if cfg.recompute not in RECOMPUTE:
         raise EdgeftError(f"--recompute must be one of {', '.join(RECOMPUTE)}, not {cfg.recompute!r}")
     if cfg.use_dora and getattr(cfg, "quantize", None):
@@ -306,15 +310,20 @@ def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out:
     if cfg.quantize:
         from edgeft.host.quantize import rewrite_graph, select_and_quantize
 
-        quant = select_and_quantize(forward.graph, params, frozen, keys, cfg.quantize, cfg.quant_block_size)
+        low = cfg.quantize == "int4" and cfg.quant_compute != "dequant"
+        quant = select_and_quantize(forward.graph, params, frozen, keys, cfg.quantize, cfg.quant_block_size, low)
         rewrite_graph(forward.graph, quant, as_inputs=True)
     file_keys = _file_keys(keys, frozen, quant)
     ranges = _write_weights(out / WEIGHTS, params, file_keys, quant)
     training, evaluation = differentiate(forward, trainable)
-    if quant:  # backward re-dequantizes each weight instead of keeping the forward's float copy alive
+    if quant:
+        from edgeft.host.lowprec import low_precision_matmuls
         from edgeft.host.quantize import recompute_in_backward
 
-        recompute_in_backward(training.graph, quant)
+        level = ACCURACY_LEVELS[cfg.quant_compute]
+        for model in (training, evaluation):
+            low_precision_matmuls(model.graph, quant, level)  # int4 with --quant-compute int8|fp32
+        recompute_in_backward(training.graph, quant)  # what still dequantizes: no float copy kept alive
     graphs = {}
     for name, model, file in _training_graphs(cfg.recompute, training, evaluation):
         externalize(model.graph, file_keys, ranges, {})
@@ -372,6 +381,7 @@ def _file_keys(keys: dict[str, str], frozen: list[str], quant: dict) -> dict[str
     for qt in quant.values():
         out[qt.data_input] = qt.key
         out[qt.scales_input] = qt.scales_key
+        out.update(qt.transposed)
     return out
 
 
@@ -382,6 +392,8 @@ def _write_weights(path: Path, params: dict, file_keys: dict[str, str], quant: d
     arrays = {}
     for qt in quant.values():
         arrays[qt.key], arrays[qt.scales_key] = qt.data, qt.scales
+        if qt.data_t is not None:
+            arrays.update(zip(qt.transposed.values(), (qt.data_t, qt.scales_t), strict=True))
     for name, key in file_keys.items():
         arrays.setdefault(key, params.get(name))
     specs = [(k, a.shape, a.dtype) for k, a in arrays.items()]
@@ -463,7 +475,7 @@ def _add_quantization(manifest: dict, cfg: ExportConfig, quant: dict) -> None:
     scheme = cfg.quantize
     manifest["quantization"] = {"scheme": scheme, "quantized_tensors": len(quant)}
     if scheme == "int4":
-        manifest["quantization"].update(block_size=cfg.quant_block_size, zero_point=8)
+        manifest["quantization"].update(block_size=cfg.quant_block_size, zero_point=8, compute=cfg.quant_compute)
     for qt in quant.values():
         manifest["parameters"].append(
             {
@@ -476,6 +488,7 @@ def _add_quantization(manifest: dict, cfg: ExportConfig, quant: dict) -> None:
                     "data_input": qt.data_input,
                     "scales_input": qt.scales_input,
                     "scales_key": qt.scales_key,
+                    **({"transposed": qt.transposed} if qt.data_t is not None else {}),
                 },
             }
         )

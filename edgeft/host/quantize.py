@@ -48,6 +48,10 @@ class QuantTensor:
     scales: np.ndarray
     gather: bool  # consumed by Gather (embedding): dequantize the gathered rows only
     linear: bool = True  # consumed by linear ops (tied embeddings are both)
+    # int4 low-precision training (edgeft/host/lowprec.py): W^T quantized on its own, [K, n_blocks, bs/2]
+    # with flat scales [K * n_blocks], for the backward's dX = dY W
+    data_t: np.ndarray | None = None
+    scales_t: np.ndarray | None = None
 
     @property
     def data_input(self) -> str:
@@ -60,6 +64,13 @@ class QuantTensor:
     @property
     def scales_key(self) -> str:
         return self.key + SCALES_KEY_SUFFIX
+
+    @property
+    def transposed(self) -> dict[str, str]:
+        """Graph name -> file key of the transposed layout's data and scales (when it exists)."""
+        if self.data_t is None:
+            return {}
+        return {self.name + ".qdata_t": self.key + ".t", self.name + ".qscales_t": self.key + ".t.scales"}
 
 
 def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -94,8 +105,11 @@ def dequantize(data: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
     return vals.reshape(data.shape[0], -1)[:, :k]
 
 
-def select_and_quantize(graph, params: dict, frozen: list[str], keys: dict, scheme: str, block_size: int):
-    """The frozen weights to quantize (see module docstring), quantized: {onnx name: QuantTensor}."""
+def select_and_quantize(
+    graph, params: dict, frozen: list[str], keys: dict, scheme: str, block_size: int, transposed: bool = False
+):
+    """The frozen weights to quantize (see module docstring), quantized: {onnx name: QuantTensor}.
+    ``transposed``: int4 linear weights also get W^T's own layout (low-precision backward)."""
     op_types = {name: {n.op_type for n in nodes} for name, nodes in consumers(graph).items()}
     out = {}
     for name in frozen:
@@ -104,7 +118,11 @@ def select_and_quantize(graph, params: dict, frozen: list[str], keys: dict, sche
         if w.ndim != 2 or not ops or not ops <= LINEAR_OPS | {"Gather"}:
             continue
         data, scales = quantize_int8(w) if scheme == "int8" else quantize_int4(w, block_size)
-        out[name] = QuantTensor(name, keys[name], tuple(w.shape), data, scales, "Gather" in ops, bool(ops - {"Gather"}))
+        qt = QuantTensor(name, keys[name], tuple(w.shape), data, scales, "Gather" in ops, bool(ops - {"Gather"}))
+        if transposed and scheme == "int4" and qt.linear:
+            qt.data_t, scales_t = quantize_int4(np.ascontiguousarray(w.T), block_size)
+            qt.scales_t = scales_t.reshape(-1)
+        out[name] = qt
     return out
 
 
@@ -310,24 +328,6 @@ def _dequant(qt: QuantTensor, data: str, scales: str, out: str, lead: int, tag: 
             )
         )
     return nodes, consts
-
-
-def tensors_for_file(quant: dict[str, QuantTensor]) -> dict[str, np.ndarray]:
-    """weights.safetensors entries of the quantized tensors."""
-    out = {}
-    for qt in quant.values():
-        out[qt.key] = np.ascontiguousarray(qt.data)
-        out[qt.scales_key] = np.ascontiguousarray(qt.scales, np.float32)
-    return out
-
-
-def decoder_keys(keys: dict[str, str], quant: dict[str, QuantTensor]) -> dict[str, str]:
-    """ONNX initializer name -> weights.safetensors key, with the quantized data/scales names."""
-    out = dict(keys)
-    for qt in quant.values():
-        out[qt.data_input] = qt.key
-        out[qt.scales_input] = qt.scales_key
-    return out
 
 
 def recompute_in_backward(graph, quant: dict[str, QuantTensor]) -> int:
