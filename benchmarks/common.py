@@ -83,7 +83,8 @@ def set_threads(n: int = THREADS) -> None:
 def model_dir(spec: dict) -> Path:
     from edgeft.bundle import FORMAT_VERSION
 
-    key = json.dumps([spec, LORA_R, LORA_ALPHA, FORMAT_VERSION], sort_keys=True)
+    shape = {k: spec[k] for k in ("name", "layout", "mlp_ratio", "config")}  # not the grid around it
+    key = json.dumps([shape, LORA_R, LORA_ALPHA, FORMAT_VERSION], sort_keys=True)
     return CACHE / f"{spec['name']}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 

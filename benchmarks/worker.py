@@ -339,6 +339,50 @@ class EdgeftDecode:
             gc.collect()
         return {"seconds": times}
 
+    def binding_ab(self, context: int, steps: int) -> dict:
+        """Decode steps at a fixed ``context``: the IOBinding path (what non-CPU providers use), forced
+        on a second Decoder over the same bundle, against this one's numpy feeds, interleaved."""
+        import numpy as np
+
+        decs = {"iobinding": self._binding_decoder(), "numpy_feeds": self.gen.decoder}
+        prompt = (np.arange(10, 10 + context, dtype=np.int64) % self.vocab)[None]
+        past = {}
+        for name, d in decs.items():
+            _, past[name] = d.step(
+                prompt, np.ones((1, context), np.int64), np.arange(context)[None], d.empty_past(), "a"
+            )
+        times = {name: [] for name in decs}
+        ids, mask, pos = np.array([[5]]), np.ones((1, context + 1), np.int64), np.array([[context]])
+        for i in range(steps):
+            for name in list(decs) if i % 2 == 0 else list(reversed(decs)):
+                t0 = time.perf_counter()
+                decs[name].step(ids, mask, pos, past[name], "a")
+                times[name].append(time.perf_counter() - t0)
+        decs["iobinding"]._release()
+        out = {name: {"median_ms": 1e3 * float(np.median(t))} for name, t in times.items()}
+        diffs = np.array(times["iobinding"]) - np.array(times["numpy_feeds"])
+        out["paired_diff_ms"] = 1e3 * float(np.median(diffs))  # robust to load drift
+        return out
+
+    def binding_same_tokens(self) -> dict:
+        """Both step paths give the same greedy tokens, switching adapters between requests."""
+        prompt = list(range(10, 60))
+        runs = [
+            [list(d.generate_ids(prompt, a, self.Sampling(max_new_tokens=12), set())) for a in ("a", "b", "base", "a")]
+            for d in (self._binding_decoder(), self.gen.decoder)
+        ]
+        return {"same": runs[0] == runs[1]}
+
+    def _binding_decoder(self):
+        if getattr(self, "_binding", None) is None:
+            from edgeft.device.decoder import Decoder
+
+            self._binding = Decoder(self.gen.bundle, threads=common.THREADS)
+            self._binding._use_binding = True
+            for name in ("a", "b"):
+                self._binding.adapters[name] = self.gen.decoder.adapters[name]
+        return self._binding
+
 
 class TorchDecode:
     """transformers generate: torch CPU, PEFT adapter (unmerged), use_cache, greedy."""
@@ -384,12 +428,24 @@ class TorchDecode:
         return _decode_result(t0, t1, stamps[1:], tokens, new_tokens)
 
 
-def sgemm_ort(n: int = 3072, tries: int = 5) -> dict:
-    """ONNX Runtime's own float32 MatMul peak (MLAS, THREADS intra-op threads), for context."""
+def sgemm_ort(n: int = 3072, tries: int = 5, model: str | None = None) -> dict:
+    """ONNX Runtime's own float32 MatMul peak (MLAS, THREADS intra-op threads), for context. The
+    one-MatMul graph comes from the host (``matmul_model``): the device venv has no onnx package."""
     import numpy as np
-    from onnx import TensorProto, helper
 
     from edgeft.device.session import SessionConfig, onnxruntime, session_options
+
+    opts = session_options(SessionConfig(threads=common.THREADS))
+    sess = onnxruntime().InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    feeds = {x: np.random.default_rng(0).standard_normal((n, n), dtype=np.float32) for x in ("a", "b")}
+    sess.run(None, feeds)
+    best = min(_timed(lambda: sess.run(None, feeds)) for _ in range(tries))
+    return {"gflops": 2 * n**3 / best / 1e9, "n": n}
+
+
+def matmul_model(path: Path, n: int = 3072) -> Path:
+    """An n x n MatMul graph for sgemm_ort, written by the host side (which has onnx)."""
+    from onnx import TensorProto, helper, save
 
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["a", "b"], ["c"])],
@@ -399,12 +455,8 @@ def sgemm_ort(n: int = 3072, tries: int = 5) -> dict:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    opts = session_options(SessionConfig(threads=common.THREADS))
-    sess = onnxruntime().InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    feeds = {x: np.random.default_rng(0).standard_normal((n, n), dtype=np.float32) for x in ("a", "b")}
-    sess.run(None, feeds)
-    best = min(_timed(lambda: sess.run(None, feeds)) for _ in range(tries))
-    return {"gflops": 2 * n**3 / best / 1e9, "n": n}
+    save(model, str(path))
+    return path
 
 
 def sgemm_torch(n: int = 3072, tries: int = 5) -> dict:
