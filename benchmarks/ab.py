@@ -151,9 +151,15 @@ def _rss_mb(status: Path) -> float:
 
 def memory_traces(spec, targets, seq, cell) -> dict:
     out = {}
+    no_arena = {"EDGEFT_BENCH_ORT_OPTIONS": json.dumps({"enable_cpu_mem_arena": False})}
     for precision in ("fp32", "int4"):
         out[f"edgeft {precision} base"] = memory_trace(
             edgeft_worker(spec, targets, seq, precision, tag=f"-trace-{precision}"), cell
+        )
+        # Without the arena freed blocks go back to malloc, so RSS follows the live tensors more
+        # closely: the difference is what the arena keeps (diagnostic; SessionConfig has no such field).
+        out[f"edgeft {precision} base, CPU arena off"] = memory_trace(
+            edgeft_worker(spec, targets, seq, precision, env=no_arena, tag=f"-trace-{precision}-noarena"), cell
         )
     torch_args = ["--seq", str(seq), *bench.worker_args("torch", spec, targets)]
     torch = bench.Worker("train-torch", common.paths(spec, targets)["logs"], *torch_args, tag="-ab-trace")
@@ -180,11 +186,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--plan", choices=sorted(POINTS), default="full")
-    parser.add_argument("--steps", type=int, help="timed steps per variant (default: 4 full, 3 quick)")
+    parser.add_argument("--steps", type=int, help="timed steps per variant (default: 4 full, 2 quick)")
     parser.add_argument("--out", type=Path, default=common.BENCH / "ab_results.json")
     args = parser.parse_args()
     mode = "quick" if args.quick else args.plan
-    steps = args.steps or (4 if mode == "full" else 3)
+    steps = args.steps or (4 if mode == "full" else 2)
     bench.check_pythons()
     spec, targets, seq, cell = point(mode)
     results = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "mode": mode, "load_average_at_start": list(os.getloadavg())}

@@ -78,16 +78,14 @@ METRIC_LABEL = {"rss_ratio": "Peak training RSS", "time_ratio": "Train step time
 # memory trace, the A/B rows) are in RESULTS.md's last sections; update with each full run.
 LIMITS = {
     "rss": (
-        "Memory trace (ab.py, same grid point): the peak is reached in the backward, and the part above "
-        "RSS-after-load is the activations the forward keeps for it (batch × heads × seq² attention "
-        "probabilities per layer, MLP intermediates); torch's sdpa keeps no seq² tensor. Quantizing the base "
-        "removes only the weights' share, recompute (not yet in ExportConfig) is what addresses the rest."
+        "Above RSS-after-load, the peak is the activations the forward keeps for the backward (per layer the "
+        "batch × heads × seq² attention probabilities — torch's sdpa keeps none — and the MLP intermediates) "
+        "plus ONNX Runtime's arena; with a quantized base the dequantized float32 weights are alive at the peak "
+        "too (findings below). Recompute (not yet in ExportConfig) is what addresses the activations."
     ),
     "time": (
-        "Op profile (ab.py): the step is dominated by the matmuls (FusedMatMul/MatMul/Gemm), which MLAS runs at "
-        "about torch's (MKL) speed on this CPU, so the ratio sits near 1×; int8/int4 bases add a dequantization "
-        "per weight per pass (and again in the backward), which costs more than it saves on 2 cores. Pre-packing "
-        "and constant folding are off for memory (A/B rows below give their cost)."
+        "The matmuls dominate the step and MLAS runs them at about torch's (MKL) speed on this CPU; a quantized "
+        "base adds a dequantization per weight per pass (again in the backward)."
     ),
     "decode": (
         "Both decoders read every fp32 weight once per token; the gap is transformers' per-token Python and "
@@ -205,7 +203,44 @@ def _limit(key: str, e: dict) -> str:
         return LIMITS["decode"]
     if key.startswith("eval_gap"):
         return LIMITS["eval_gap"]
-    return LIMITS["rss" if "rss" in key else "time"]
+    ab = json.loads(AB.read_text()) if AB.is_file() else {}
+    measured = _trace_text(ab) if "rss" in key else _profile_text(ab)
+    return " ".join(x for x in (LIMITS["rss" if "rss" in key else "time"], measured, _tried_text(ab, key)) if x)
+
+
+def _trace_text(ab: dict) -> str:
+    """The memory trace behind an RSS limit, in one sentence."""
+    traces = ab.get("memory_trace")
+    if not traces:
+        return ""
+    parts = [
+        f"{name} {m['after_load_mb']:.0f} MB after load → {m['peak_mb']:.0f} MB peak at {m['peak_at']:.2f} of the first step"
+        for name, m in traces.items()
+    ]
+    return f"Measured ({next(iter(traces.values()))['cell']}): " + "; ".join(parts) + "."
+
+
+def _profile_text(ab: dict) -> str:
+    t = ab.get("profile_train")
+    if not t:
+        return ""
+    ops = ", ".join(f"{o['op']} {100 * o['share']:.0f} %" for o in t["ops"][:5])
+    return f"Op profile ({t['cell']}): {ops} of {t['kernel_ms_per_run']:.0f} ms kernel time."
+
+
+def _tried_text(ab: dict, key: str) -> str:
+    """What turning each disabled session option back on did at the A/B point, for this base."""
+    precision = "int4" if key.startswith("int4") else "fp32"
+    x = ab.get(f"train_options_{precision}")
+    if not x:
+        return ""
+    variants = list(x["variants"].items())
+    (_, base), rest = variants[0], variants[1:]
+    tried = ", ".join(
+        f"{name.split(' (')[0]}: step ×{v['median_s'] / base['median_s']:.2f}, peak RSS ×{v['peak_rss_mb'] / base['peak_rss_mb']:.2f}"
+        for name, v in rest
+    )
+    return f"Tried ({precision} base, A/B rows): {tried}."
 
 
 def summary_table(r: dict) -> str:
@@ -256,8 +291,8 @@ def _header(r: dict) -> list[str]:
     ]
     if r["mode"] != "full":
         out += [
-            f"> **{r['mode'].capitalize()} run on a busy shared box:** a reduced grid (models of "
-            f"{', '.join(str(s['config']['num_hidden_layers']) for s in r['models'].values())} layers, seq "
+            f"> **{r['mode'].capitalize()} run on a busy shared box:** a reduced grid ("
+            f"{'/'.join(sorted({str(s['config']['num_hidden_layers']) for s in r['models'].values()}))}-layer models, seq "
             f"{', '.join(str(s) for s in r['plan']['seqs'])}, {r['plan']['train_repeats']} repeats) while other jobs "
             "used the same 2 cores. Its figures show the harness works and the direction of each ratio; the "
             "targets are judged on `make bench` (the full grid) on a quiet machine.",

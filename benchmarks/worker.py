@@ -12,7 +12,9 @@ parent alternates commands between two workers so both see the same machine cond
 bench.py runs the edgeft workers in the device venv (plain onnxruntime, no torch, so their RSS is
 edgeft's alone) and the torch and onnxruntime-training 1.19 workers in the host venv.
 ``EDGEFT_BENCH_SESSION='{"mem_pattern": true, ...}'`` overrides fields of the training graphs'
-SessionConfig (ab.py's A/B rows); ``EDGEFT_BENCH_PROFILE=PREFIX`` turns on ORT's profiler.
+SessionConfig (ab.py's A/B rows); ``EDGEFT_BENCH_PROFILE=PREFIX`` turns on ORT's profiler and
+``EDGEFT_BENCH_ORT_OPTIONS='{"enable_cpu_mem_arena": false}'`` sets SessionOptions attributes
+SessionConfig has no field for (diagnostics only).
 """
 
 from __future__ import annotations
@@ -68,20 +70,21 @@ def session_config():
     return replace(graph_session(None, common.THREADS), **overrides)
 
 
-def profiling(prefix: str) -> None:
-    """ORT's profiler on every session this worker opens. SessionConfig has no field for it, so
-    this wraps edgeft.device.session.session_options (profiling only: the A/B rows use SessionConfig)."""
+def patch_session_options(attrs: dict) -> None:
+    """Set SessionOptions attributes that SessionConfig has no field for (the profiler, the CPU
+    arena) on every session this worker opens, by wrapping edgeft.device.session.session_options.
+    Diagnostics only (EDGEFT_BENCH_PROFILE, EDGEFT_BENCH_ORT_OPTIONS); the A/B rows use SessionConfig."""
     from edgeft.device import session
 
     original = session.session_options
 
-    def with_profiler(cfg):
+    def patched(cfg):
         opts = original(cfg)
-        opts.enable_profiling = True
-        opts.profile_file_prefix = prefix
+        for key, value in attrs.items():
+            setattr(opts, key, value)
         return opts
 
-    session.session_options = with_profiler
+    session.session_options = patched
 
 
 class EdgeftTrain:
@@ -516,8 +519,11 @@ def main() -> None:
     def send(obj) -> None:
         proto.write(json.dumps(obj) + "\n")
 
+    attrs = json.loads(os.environ.get("EDGEFT_BENCH_ORT_OPTIONS") or "{}")
     if os.environ.get("EDGEFT_BENCH_PROFILE"):
-        profiling(os.environ["EDGEFT_BENCH_PROFILE"])
+        attrs.update(enable_profiling=True, profile_file_prefix=os.environ["EDGEFT_BENCH_PROFILE"])
+    if attrs:
+        patch_session_options(attrs)
     t0 = time.perf_counter()
     try:
         worker = KINDS[args.kind](**{k: v for k, v in vars(args).items() if k != "kind" and v is not None})
