@@ -131,8 +131,11 @@ class Worker:
         return answer
 
     def call(self, op: str, **kw) -> dict:
-        self.proc.stdin.write(json.dumps({"op": op, **kw}) + "\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write(json.dumps({"op": op, **kw}) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:  # it died (e.g. killed for memory): report it like any worker failure
+            return self._read()
         return self._read()
 
     def close(self) -> dict:
@@ -295,7 +298,16 @@ def bench_cell(cell: dict, plan: dict, history: list[dict]) -> dict:
     row["side_by_side"] = not sequential
     log(f"train {spec['name']} LoRA {targets} seq {seq}: {'one after the other' if sequential else 'side by side'}")
     torch_args = ["--seq", str(seq), "--attn", plan["torch_attn"], *worker_args("torch", spec, targets)]
-    torch = Worker("train-torch", logs, *torch_args, tag=tag)
+    try:
+        torch = Worker("train-torch", logs, *torch_args, tag=tag)
+    except RuntimeError as e:  # no reference, no ratios: record the cell and go on
+        log(f"  torch + PEFT: FAILED {str(e)[:300]}")
+        row.update(status=f"failed: torch worker: {str(e)[:500]}", torch_peak_rss_mb=float("nan"))
+        row["variants"] = [
+            {**{k: v[k] for k in ("engine", "precision", "recompute")}, "status": "no reference"}
+            for v in cell["variants"]
+        ]
+        return row
     row["torch_load"] = torch.ready
     torch_alone = steps(torch, plan["train_warmup"], plan["train_repeats"]) if sequential else None
     if sequential:
