@@ -57,11 +57,13 @@ format: $(HOST_STAMP)
 clean:
 	rm -rf $(VENV) $(DEVICE_VENV) $(OLD_DEVICE_VENV) demo-out .pytest_cache
 
-# Benchmarks against torch + PEFT and transformers generate (benchmarks/RESULTS.md).
+# Benchmarks (benchmarks/README.md): the grid side by side with torch + PEFT, the 1.19 engine and
+# transformers generate; edgeft's workers run in the device venv, the references in the host venv.
 .PHONY: bench bench-quick
-bench: $(HOST_STAMP)
+bench: $(HOST_STAMP) $(DEVICE_STAMP)
 	$(VENV)/bin/python benchmarks/ab.py
 	$(VENV)/bin/python benchmarks/bench.py
 
-bench-quick: $(HOST_STAMP)
+bench-quick: $(HOST_STAMP) $(DEVICE_STAMP)
+	$(VENV)/bin/python benchmarks/ab.py --quick
 	$(VENV)/bin/python benchmarks/bench.py --quick

@@ -1,209 +1,97 @@
-"""A/B measurements of each optimisation against the code or setting it replaced, interleaved
-step by step in one process so both sides see the same machine load.
+"""A/B of the training engine's session options, an op profile and a memory trace, at one grid point.
 
-    python benchmarks/ab.py [--steps N]
+    python benchmarks/ab.py [--quick] [--steps N]
 
-Writes benchmarks/ab_results.json, which RESULTS.md's optimisation table reads (``make bench``
-runs this after bench.py; ``make bench-quick`` reuses the last file).
+The engine turns off pre-packing, constant folding and the memory pattern for memory
+(``edgeft.device.runtime.graph_session``); each is measured here against that default through
+``SessionConfig`` overrides (``EDGEFT_BENCH_SESSION``), fp32 and int4 bases. The default worker stays
+alive and each variant's worker alternates steps with it, so at most two training workers are alive.
+Then ORT's profiler over one edgeft step (kernel time per op type), the RSS of edgeft and torch
+workers sampled every 5 ms through one step, and the decoder's IOBinding path against numpy feeds.
+Writes benchmarks/ab_results.json, which RESULTS.md's optimisation section reads (run before
+bench.py: `make bench` and `make bench-quick` do).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import collections
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402
 import common  # noqa: E402
 
 common.set_threads()
 
-import numpy as np  # noqa: E402
+# The grid point: (plan, model index, LoRA targets, seq).
+POINTS = {"full": ("full", 1, "attn", 512), "quick": ("quick", 1, "attn", 128), "smoke": ("smoke", 0, "attn", 64)}
+# SessionConfig overrides against graph_session()'s choices.
+OPTIONS = {
+    "pre-packing on (ORT default)": {"config_entries": {}},
+    "constant folding on (ORT default)": {"disabled_optimizers": []},
+    "memory pattern on (ORT default)": {"mem_pattern": True},
+}
+DEFAULT = "engine default (no pre-packing, no constant folding, no memory pattern)"
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def decoders(**variants):
-    """name -> Decoder with adapters 'a' and 'b'; a variant is (use the IOBinding path?, session-option
-    overrides). The binding path is what non-CPU providers use; here it is forced on a CPU session."""
-    from edgeft.bundle import Bundle
-    from edgeft.device import ort as edgeft_ort
-    from edgeft.device.decoder import Decoder
-
-    bundle = Bundle.open(common.paths()["bundle"])
-    out = {}
-    for name, (binding, overrides) in variants.items():
-        original = edgeft_ort.session_options
-
-        def patched(threads=None, deterministic=True, _o=overrides, _orig=original):
-            opts = _orig(threads, deterministic)
-            for key, value in _o.items():
-                setattr(opts, key, value)
-            return opts
-
-        edgeft_ort.session_options = patched
-        try:
-            d = Decoder(bundle, threads=common.THREADS)
-        finally:
-            edgeft_ort.session_options = original
-        d._use_binding = binding
-        d.add_adapter("a", common.paths()["adapter_a"])
-        d.add_adapter("b", common.paths()["adapter_b"])
-        out[name] = d
-    return out
+def point(mode: str):
+    plan_name, index, targets, seq = POINTS[mode]
+    plan = dict(bench.PLANS[plan_name], torch_attn="sdpa")
+    specs = bench.model_specs(plan)
+    bench.build(specs, plan, "recompute" in common.export_options(), rebuild=False)
+    spec = specs[index]
+    return spec, targets, seq, f"{spec['name']}, LoRA {targets}, seq {seq}, batch {common.BATCH}"
 
 
-def decode_steps(decs: dict, context: int, steps: int) -> dict:
-    """Median decode-step time at a fixed ``context`` for each decoder, interleaved step by step."""
-    state = {}
-    prompt = np.arange(10, 10 + context, dtype=np.int64)[None] % common.MODEL["vocab_size"]
-    for name, d in decs.items():
-        _, past = d.step(prompt, np.ones((1, context), np.int64), np.arange(context)[None], d.empty_past(), "a")
-        state[name] = past
-    times = {name: [] for name in decs}
-    ids, mask, pos = np.array([[5]]), np.ones((1, context + 1), np.int64), np.array([[context]])
-    for i in range(steps):
-        order = list(decs) if i % 2 == 0 else list(reversed(decs))
-        for name in order:
-            t0 = time.perf_counter()
-            decs[name].step(ids, mask, pos, state[name], "a")
-            times[name].append(time.perf_counter() - t0)
-    for d in decs.values():
-        d._release()
-    out = {
-        name: {"median_ms": 1e3 * float(np.median(t)), "p10_ms": 1e3 * float(np.percentile(t, 10))}
-        for name, t in times.items()
-    }
-    # Paired: each step of one variant against the adjacent step of the other (robust to load drift).
-    a, b = list(decs)
-    out["paired_diff_ms"] = 1e3 * float(np.median(np.array(times[a]) - np.array(times[b])))
-    out["relative"] = out["paired_diff_ms"] / out[b]["median_ms"]
-    return out
+def edgeft_worker(spec, targets, seq, precision, env=None, tag=""):
+    args = ["--seq", str(seq), *bench.worker_args("edgeft", spec, targets, precision)]
+    return bench.Worker("train-edgeft", common.paths(spec, targets)["logs"], *args, env=env, tag=f"-ab{tag}")
 
 
-def same_tokens(decs: dict) -> bool:
-    """Both step paths give the same greedy tokens, switching adapters between requests."""
-    from edgeft.device.decoder import Sampling
-
-    prompt = list(range(10, 60))
-    runs = {
-        name: [list(d.generate_ids(prompt, a, Sampling(max_new_tokens=12), set())) for a in ("a", "b", "base", "a")]
-        for name, d in decs.items()
-    }
-    first, *rest = runs.values()
-    return all(r == first for r in rest)
-
-
-def switch_cost(d, repeats: int = 200) -> dict:
-    """Direct cost of an adapter switch in Decoder: rebinding the LoRA OrtValues."""
-    d._bind_adapter("a")
-    d._bind_adapter("b")
-    switch, same = [], []
-    for i in range(repeats):
-        name = "a" if i % 2 == 0 else "b"
-        t0 = time.perf_counter()
-        d._bind_adapter(name)  # differs from the one bound: a real switch
-        switch.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        d._bind_adapter(name)  # already bound: a no-op check
-        same.append(time.perf_counter() - t0)
-    d._release()
-    return {
-        "switch_us": 1e6 * float(np.median(switch)),
-        "same_us": 1e6 * float(np.median(same)),
-        "bound_inputs": len(d.lora_inputs),
-    }
+def session_options_ab(spec, targets, seq, cell, precision: str, steps: int) -> dict:
+    """Each option against the engine default, in its own worker, steps interleaved with the default's."""
+    base = edgeft_worker(spec, targets, seq, precision, tag=f"-{precision}-default")
+    variants, base_times = {}, []
+    for k, (name, override) in enumerate(OPTIONS.items()):
+        env = {"EDGEFT_BENCH_SESSION": json.dumps(override)}
+        w = edgeft_worker(spec, targets, seq, precision, env=env, tag=f"-{precision}-opt{k}")
+        mine, theirs = bench.alternate(w, base, "step", {}, 1, steps, warm_b=not base_times)
+        base_times += [r["seconds"] for r in theirs]
+        variants[name] = _summary([r["seconds"] for r in mine], w.close()["vm_hwm_mb"])
+        log(f"  {precision} {name}: {variants[name]}")
+    default = _summary(base_times, base.close()["vm_hwm_mb"])
+    log(f"  {precision} {DEFAULT}: {default}")
+    return {"cell": f"{cell}, {precision} base", "variants": {DEFAULT: default, **variants}}
 
 
-def train_options(seq: int = 128, warmup: int = 1, repeats: int = 4) -> dict:
-    """Training session options at a short sequence: each variant in its own worker (own peak RSS),
-    steps interleaved across the three workers."""
-    from bench import Worker
-
-    variants = {
-        "current (memory pattern off)": {},
-        "memory pattern on (ORT default)": {"enable_mem_pattern": True},
-        "CPU arena off": {"enable_cpu_mem_arena": False},
-    }
-    workers = {
-        name: Worker("train-edgeft", _logs(), "--seq", str(seq), env=_options_env(o), tag=f"-opt{k}")
-        for k, (name, o) in enumerate(variants.items())
-    }
-    for w in workers.values():
-        for _ in range(warmup):
-            w.call("step")
-    times = {name: [] for name in workers}
-    for i in range(repeats):
-        for name in list(workers) if i % 2 == 0 else list(reversed(workers)):
-            times[name].append(workers[name].call("step")["seconds"])
-    out = {}
-    for name, w in workers.items():
-        final = w.close()
-        out[name] = {
-            "median_s": float(np.median(times[name])),
-            "min_s": min(times[name]),
-            "peak_rss_mb": final["vm_hwm_mb"],
-        }
-    return {"seq": seq, "batch": 4, "variants": out}
+def _summary(times: list[float], peak: float) -> dict:
+    return {"median_s": common.median(times), "min_s": min(times), "peak_rss_mb": peak}
 
 
-def train_memory(seq: int = 512, steps: int = 2) -> dict:
-    """Peak RSS with and without ORT's memory pattern at a long sequence. One process at a time
-    (each needs several GB): the peak is deterministic, the step times are only indicative."""
-    from bench import Worker
-
-    variants = {"current (memory pattern off)": {}, "memory pattern on (ORT default)": {"enable_mem_pattern": True}}
-    out = {}
-    for k, (name, o) in enumerate(variants.items()):
-        w = Worker("train-edgeft", _logs(), "--seq", str(seq), env=_options_env(o), tag=f"-mem{k}")
+def profile_train(spec, targets, seq, cell, steps: int = 2) -> dict:
+    """ORT's profiler over edgeft train steps (the first one skipped): kernel time per op type."""
+    prefix = common.paths(spec, targets)["logs"] / "ortprof-train"
+    for old in prefix.parent.glob("ortprof-train*.json"):
+        old.unlink()
+    w = edgeft_worker(spec, targets, seq, "fp32", env={"EDGEFT_BENCH_PROFILE": str(prefix)}, tag="-profile")
+    for _ in range(steps + 1):
         w.call("step")
-        times = [w.call("step")["seconds"] for _ in range(steps)]
-        final = w.close()
-        out[name] = {"median_s": float(np.median(times)), "min_s": min(times), "peak_rss_mb": final["vm_hwm_mb"]}
-    return {"seq": seq, "batch": 4, "variants": out}
-
-
-def _logs() -> Path:
-    logs = common.paths()["root"] / "logs"
-    logs.mkdir(exist_ok=True)
-    return logs
-
-
-def _options_env(overrides: dict) -> dict:
-    return {"EDGEFT_BENCH_ORT_OPTIONS": json.dumps(overrides)}
-
-
-def _profiling(prefix: Path):
-    """Patch edgeft's session options to enable ORT's profiler; returns an undo function."""
-    import edgeft.device.ort as edgeft_ort
-    import edgeft.device.runtime as runtime
-
-    original = edgeft_ort.session_options
-
-    def patched(threads=None, deterministic=True):
-        opts = original(threads, deterministic)
-        opts.enable_profiling = True
-        opts.profile_file_prefix = str(prefix)
-        return opts
-
-    edgeft_ort.session_options = runtime.session_options = patched
-
-    def undo():
-        edgeft_ort.session_options = runtime.session_options = original
-
-    return undo
+    path = Path(w.call("end_profiling")["path"])
+    w.close()
+    return {"cell": f"{cell}, fp32 base", **_op_table(path, skip_runs=1)}
 
 
 def _op_table(path: Path, skip_runs: int) -> dict:
-    """Kernel time per op type per run from an ORT profile, skipping the first ``skip_runs`` runs."""
-    import collections
-
     events = json.loads(path.read_text())
     runs = sorted(e["ts"] for e in events if e.get("name") == "model_run")
     start = runs[skip_runs] if len(runs) > skip_runs else 0
@@ -212,116 +100,113 @@ def _op_table(path: Path, skip_runs: int) -> dict:
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
             per_op[e["args"].get("op_name")] += e["dur"]
-    total = sum(per_op.values())
+    total = sum(per_op.values()) or 1
     return {
         "runs": n,
         "kernel_ms_per_run": total / 1e3 / n,
-        "ops": [{"op": op, "ms_per_run": us / 1e3 / n, "share": us / total} for op, us in per_op.most_common(8)],
+        "ops": [{"op": op, "ms_per_run": us / 1e3 / n, "share": us / total} for op, us in per_op.most_common(10)],
     }
 
 
-def profile_train(seq: int = 128, steps: int = 3) -> dict:
-    import gc
+def memory_trace(w: bench.Worker, cell: str) -> dict:
+    """RSS of the worker sampled every 5 ms through its first step, where every buffer is first
+    allocated (edgeft opens its sessions there too; later steps reuse the arena, so RSS stays flat),
+    then VmHWM after a second step."""
+    after_load = w.ready["vm_rss_mb"]
+    samples, done = [], threading.Event()
+    status = Path(f"/proc/{w.proc.pid}/status")
 
-    from edgeft.bundle import Bundle
-    from edgeft.device.adapter import load_adapter
-    from edgeft.device.data import Batch
-    from edgeft.device.runtime import LoraModel
+    def sample():
+        while not done.is_set():
+            samples.append((time.perf_counter(), _rss_mb(status)))
+            time.sleep(0.005)
 
-    prefix = common.paths()["root"] / "logs" / "ortprof-train"
-    prefix.parent.mkdir(exist_ok=True)
-    for old in prefix.parent.glob("ortprof-train*.json"):
-        old.unlink()
-    undo = _profiling(prefix)
-    try:
-        bundle = Bundle.open(common.paths()["bundle"])
-        model = LoraModel(bundle, load_adapter(common.paths()["adapter_a"], bundle), threads=common.THREADS)
-        after_load = {"vm_rss_mb": common.vm_rss_mb(), "vm_hwm_mb": common.vm_hwm_mb()}
-        ids = np.random.default_rng(0).integers(3, common.MODEL["vocab_size"], (4, seq))
-        batch = Batch(ids, np.ones_like(ids), ids.copy(), 4 * (seq - 1), 4 * seq)
-        for _ in range(steps):
-            model.zero_grad()
-            model.forward_backward(batch, float(batch.num_loss_tokens))
-        del model
-        gc.collect()  # the Module writes its profile when destroyed
-    finally:
-        undo()
-    files = sorted(prefix.parent.glob("ortprof-train*.json"), key=lambda f: f.stat().st_size)
-    return {"seq": seq, "batch": 4, "after_load": after_load, **_op_table(files[-1], skip_runs=1)}
+    thread = threading.Thread(target=sample)
+    t0 = time.perf_counter()
+    thread.start()
+    w.call("step")
+    done.set()
+    thread.join()
+    t1 = time.perf_counter()
+    w.call("step")
+    peak_t, peak = max(samples, key=lambda s: s[1])
+    return {
+        "cell": cell,
+        "after_load_mb": after_load,
+        "peak_mb": peak,
+        "peak_at": (peak_t - t0) / (t1 - t0),
+        "after_mb": samples[-1][1],
+        "peak_two_steps_mb": w.close()["vm_hwm_mb"],
+        "samples": len(samples),
+        "trace": [(round(t - t0, 4), round(m, 1)) for t, m in samples[:: max(1, len(samples) // 400)]],
+    }
 
 
-def profile_decode(context: int = 128, steps: int = 20) -> dict:
-    from edgeft.bundle import Bundle
-    from edgeft.device.decoder import Decoder
+def _rss_mb(status: Path) -> float:
+    for line in status.read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
-    prefix = common.paths()["root"] / "logs" / "ortprof-decode"
-    undo = _profiling(prefix)
-    try:
-        d = Decoder(Bundle.open(common.paths()["bundle"]), threads=common.THREADS)
-    finally:
-        undo()
-    d.add_adapter("a", common.paths()["adapter_a"])
-    prompt = np.arange(10, 10 + context, dtype=np.int64)[None]
-    _, past = d.step(prompt, np.ones((1, context), np.int64), np.arange(context)[None], d.empty_past(), "a")
-    for i in range(steps):
-        _, past = d.step(np.array([[5]]), np.ones((1, context + i + 1), np.int64), np.array([[context + i]]), past, "a")
-    path = Path(d.session.end_profiling())
-    table = _op_table(path, skip_runs=1)
-    path.unlink()
-    return {"context": context, **table}
+
+def memory_traces(spec, targets, seq, cell) -> dict:
+    out = {}
+    no_arena = {"EDGEFT_BENCH_ORT_OPTIONS": json.dumps({"enable_cpu_mem_arena": False})}
+    for precision in ("fp32", "int4"):
+        out[f"edgeft {precision} base"] = memory_trace(
+            edgeft_worker(spec, targets, seq, precision, tag=f"-trace-{precision}"), cell
+        )
+        # Without the arena freed blocks go back to malloc, so RSS follows the live tensors more
+        # closely: the difference is what the arena keeps (diagnostic; SessionConfig has no such field).
+        out[f"edgeft {precision} base, CPU arena off"] = memory_trace(
+            edgeft_worker(spec, targets, seq, precision, env=no_arena, tag=f"-trace-{precision}-noarena"), cell
+        )
+    torch_args = ["--seq", str(seq), *bench.worker_args("torch", spec, targets)]
+    torch = bench.Worker("train-torch", common.paths(spec, targets)["logs"], *torch_args, tag="-ab-trace")
+    out["torch + PEFT fp32"] = memory_trace(torch, cell)
+    for name, m in out.items():
+        log(
+            f"  {name}: after load {m['after_load_mb']:.0f} MB, peak {m['peak_mb']:.0f} MB at {m['peak_at']:.2f} of the step"
+        )
+    return out
+
+
+def iobinding(spec, targets, contexts: list[int], steps: int) -> dict:
+    """The decoder's IOBinding path (non-CPU providers use it) forced on CPU, against numpy feeds."""
+    p = common.paths(spec, targets)
+    args = ["--bundle", str(p["bundle"]), "--adapter", str(p["adapter_a"]), "--adapter-b", str(p["adapter_b"])]
+    w = bench.Worker("decode-edgeft", p["logs"], *args, tag="-ab-binding")
+    out = {"contexts": {c: w.call("binding_ab", context=c, steps=steps) for c in contexts}}
+    out["same_tokens"] = w.call("binding_same_tokens")["same"]
+    w.close()
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--contexts", default="128,1024,2048")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--plan", choices=sorted(POINTS), default="full")
+    parser.add_argument("--steps", type=int, help="timed steps per variant (default: 4 full, 2 quick)")
+    parser.add_argument("--out", type=Path, default=common.BENCH / "ab_results.json")
     args = parser.parse_args()
-    common.ensure_cache(log)
-    results = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_at_start": list(os.getloadavg())}
-    contexts = [int(c) for c in args.contexts.split(",")]
-
-    log("IOBinding + OrtValue KV cache + pre-built LoRA OrtValues vs numpy feeds (decode step)")
-    decs = decoders(iobinding=(True, {}), numpy_feeds=(False, {}))
-    results["iobinding_same_tokens"] = same_tokens(decs)
-    results["iobinding"] = {c: decode_steps(decs, c, args.steps) for c in contexts}
-    results["switch"] = switch_cost(decs["iobinding"])
-    for c, r in results["iobinding"].items():
-        log(f"  context {c}: {r}")
-    log(f"  adapter switch: {results['switch']}")
-    del decs
-    gc.collect()
-
-    log("decoder session: memory pattern off vs on")
-    decs = decoders(mem_pattern_off=(False, {"enable_mem_pattern": False}), mem_pattern_on=(False, {}))
-    results["mem_pattern"] = {c: decode_steps(decs, c, args.steps) for c in contexts}
-    for c, r in results["mem_pattern"].items():
-        log(f"  context {c}: {r}")
-    del decs
-    gc.collect()
-
-    log("training session options at seq 128 (three workers, steps interleaved)")
-    results["train_options"] = train_options()
-    for name, r in results["train_options"]["variants"].items():
-        log(f"  {name}: {r}")
-    log("training memory pattern at seq 512 (one process at a time)")
-    results["train_memory"] = train_memory()
-    for name, r in results["train_memory"]["variants"].items():
-        log(f"  {name}: {r}")
-
-    log("ORT profiles: one train step (seq 128) and decode steps (context 128), kernel time per op type")
-    results["profile_train"] = profile_train()
-    results["profile_decode"] = profile_decode()
-    for key in ("profile_train", "profile_decode"):
-        r = results[key]
-        log(
-            f"  {key}: {r['kernel_ms_per_run']:.1f} ms/run; "
-            + ", ".join(f"{o['op']} {100 * o['share']:.0f}%" for o in r["ops"][:4])
-        )
-
+    mode = "quick" if args.quick else args.plan
+    steps = args.steps or (4 if mode == "full" else 2)
+    bench.check_pythons()
+    spec, targets, seq, cell = point(mode)
+    results = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "mode": mode, "load_average_at_start": list(os.getloadavg())}
+    for precision in ("fp32", "int4"):
+        log(f"session options against the engine default, {precision} base ({cell})")
+        results[f"train_options_{precision}"] = session_options_ab(spec, targets, seq, cell, precision, steps)
+    log("ORT profile of an edgeft train step")
+    results["profile_train"] = profile_train(spec, targets, seq, cell)
+    log("memory traces through one step")
+    results["memory_trace"] = memory_traces(spec, targets, seq, cell)
+    log("decoder: IOBinding path vs numpy feeds")
+    contexts = [128, 1024] if mode == "full" else [64]
+    results["iobinding"] = iobinding(spec, targets, contexts, 30 if mode == "full" else 10)
     results["load_average_at_end"] = list(os.getloadavg())
-    out = common.BENCH / "ab_results.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    log(f"wrote {out}")
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    log(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""Shared pieces of the benchmarks: the cached Phi-3-shaped model + bundle, machine facts,
-roofline probes (sgemm peak, memory read bandwidth) and small statistics helpers.
+"""Shared pieces of the benchmarks: the grid's model shapes and LoRA target sets, where each built
+model / bundle / artifact lives in the cache, which python runs which worker, machine facts,
+roofline probes and small statistics helpers.
 
-Run ``python benchmarks/common.py build`` to (re)build the cache by hand; ``bench.py`` does it
-on demand. Nothing here imports torch at module level: the edgeft workers import this module
-and must stay torch-free so their peak RSS is edgeft's alone.
+Nothing here imports torch: the edgeft workers import this module in the device venv, which has
+no torch, so their peak RSS is edgeft's alone. Building (torch, PEFT, export) is in build.py.
 """
 
 from __future__ import annotations
@@ -24,19 +24,47 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 THREADS = 2
-LORA_TARGETS = ["qkv_proj", "o_proj"]
+BATCH = 4
 LORA_R, LORA_ALPHA = 8, 16
-# Phi-3-mini's layout (fused qkv / gate_up, 32064 vocab) at ~110M-class width: hidden 768, 12 layers.
-MODEL = dict(
-    vocab_size=32064,
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    num_key_value_heads=12,
-    max_position_embeddings=4096,
-)
-MAX_SEQ_LEN = 4096  # the bundle's context: room for the 2048-token decode scaling point + 128 new
+VOCAB = 32000  # a ~32k vocabulary (the lm_head and the loss are a real share of a step), far larger
+# than the 512-token tokenizer: the benchmark batches are random ids over the whole vocabulary.
+MAX_SEQ_LEN = 2048  # the bundles' context: training seq 1024, decode prompts up to 512 + new tokens
+
+# Module names per layout: "attn" = LoRA on the attention projections, "all" = on every linear layer
+# of the blocks (lm_head excluded, as PEFT's "all-linear" does).
+LAYOUTS = {
+    "llama": {
+        "config": "LlamaConfig",
+        "attn": ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "mlp": ["gate_proj", "up_proj", "down_proj"],
+    },
+    "phi3": {"config": "Phi3Config", "attn": ["qkv_proj", "o_proj"], "mlp": ["gate_up_proj", "down_proj"]},
+}
+
+
+def model_spec(layout: str, mlp_ratio: int, layers: int, hidden: int = 768, heads: int = 12) -> dict:
+    """One model of the grid: random weights, ``intermediate = mlp_ratio x hidden``, untied lm_head."""
+    config = dict(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=mlp_ratio * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=MAX_SEQ_LEN,
+        tie_word_embeddings=False,
+    )
+    return {
+        "name": f"{layout}-h{hidden}-l{layers}-mlp{mlp_ratio}",
+        "layout": layout,
+        "mlp_ratio": mlp_ratio,
+        "config": config,
+    }
+
+
+def lora_targets(layout: str, targets: str) -> list[str]:
+    spec = LAYOUTS[layout]
+    return spec["attn"] + (spec["mlp"] if targets == "all" else [])
 
 
 def set_threads(n: int = THREADS) -> None:
@@ -45,171 +73,76 @@ def set_threads(n: int = THREADS) -> None:
         os.environ[var] = str(n)
 
 
-def cache_key() -> str:
-    """Shapes + bundle format version. Not the export sources: several people edit them at once and
-    a rebuild costs minutes; a bundle this edgeft can no longer open is rebuilt (see ensure_cache),
-    and ``bench.py --rebuild`` forces one."""
+# ---------------------------------------------------------------------------------------------
+# Cache layout: CACHE/<model>-<key>/{model, adapter-<targets>-{a,b}, bundle-<targets>-<precision>-<recompute>,
+# ort119-<targets>}. Keyed on the shapes and the bundle format version, not on the export sources
+# (several people edit them at once and a rebuild costs minutes): a bundle this edgeft can no longer
+# open is rebuilt (build.py checks), and ``bench.py --rebuild`` forces it.
+
+
+def model_dir(spec: dict) -> Path:
     from edgeft.bundle import FORMAT_VERSION
 
-    h = hashlib.sha256(json.dumps([MODEL, MAX_SEQ_LEN, LORA_TARGETS, LORA_R, LORA_ALPHA, FORMAT_VERSION]).encode())
-    return h.hexdigest()[:16]
+    shape = {k: spec[k] for k in ("name", "layout", "mlp_ratio", "config")}  # not the grid around it
+    key = json.dumps([shape, LORA_R, LORA_ALPHA, FORMAT_VERSION], sort_keys=True)
+    return CACHE / f"{spec['name']}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
-def cache_dir() -> Path:
-    return CACHE / f"phi3-bench-{cache_key()}"
-
-
-def paths(root: Path | None = None) -> dict[str, Path]:
-    root = root or cache_dir()
+def paths(spec: dict, targets: str, precision: str = "fp32", recompute: str = "none") -> dict[str, Path]:
+    root = model_dir(spec)
     return {
         "root": root,
         "model": root / "model",
-        "bundle": root / "bundle",
-        "adapter_a": root / "adapter-a",
-        "adapter_b": root / "adapter-b",
-        "meta": root / "meta.json",
+        "adapter_a": root / f"adapter-{targets}-a",
+        "adapter_b": root / f"adapter-{targets}-b",
+        "bundle": root / f"bundle-{targets}-{precision}-{recompute}",
+        "ort119": root / f"ort119-{targets}",
+        "logs": root / "logs",
     }
 
 
-def load_meta() -> dict | None:
-    p = paths()["meta"]
-    return json.loads(p.read_text()) if p.is_file() else None
+def export_options() -> set[str]:
+    """ExportConfig's fields in this checkout: ``recompute`` is measured only where it exists."""
+    import dataclasses
+
+    from edgeft.host.export import ExportConfig
+
+    return {f.name for f in dataclasses.fields(ExportConfig)}
 
 
-def ensure_cache(log=print, rebuild: bool = False) -> dict:
-    """Build model, bundle and two adapters once (keyed on shapes + format version); return meta."""
-    meta = None if rebuild else load_meta()
-    if meta is not None:
-        try:
-            from edgeft.bundle import Bundle
-
-            bundle = Bundle.open(paths()["bundle"])
-            if "decoder_lora" not in bundle.manifest["graphs"]:
-                raise ValueError("no decoder graph")
-            return meta
-        except Exception as e:  # noqa: BLE001 - any failure to open means: stale, rebuild
-            log(f"cached bundle is stale ({e}); rebuilding")
-    import subprocess
-
-    log(f"building the benchmark model and bundle in {cache_dir()} (first run only)")
-    env = dict(os.environ)
-    set_threads()
-    env.update({k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
-    # Its own process: the export's memory never inflates the benchmark process.
-    subprocess.run([sys.executable, str(Path(__file__)), "build"], check=True, env=env)
-    return load_meta()
+def device_python() -> Path:
+    """The device venv's python (plain onnxruntime, no torch): the edgeft workers run there."""
+    env = os.environ.get("EDGEFT_BENCH_DEVICE_PYTHON")
+    return Path(env) if env else ROOT / ".venv-device" / "bin" / "python"
 
 
-def _build() -> None:
-    import shutil
-    import tempfile
-
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from tokenizers import Tokenizer
-    from transformers import AutoModelForCausalLM, Phi3Config
-
-    from edgeft.host.export import ExportConfig, export_bundle
-    from edgeft.host.tiny import train_tokenizer
-
-    torch.set_num_threads(THREADS)
-    final = cache_dir()
-    CACHE.mkdir(parents=True, exist_ok=True)
-    for old in CACHE.glob("phi3-bench-*"):  # one cached build at a time: each is ~1.5 GB
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    stage = Path(tempfile.mkdtemp(prefix=".build-", dir=CACHE))
-    p = paths(stage)
-    train_tokenizer(p["model"], vocab_size=512, model_max_length=MAX_SEQ_LEN)
-    tok = Tokenizer.from_file(str(p["model"] / "tokenizer.json"))
-    ids = {n: tok.token_to_id(n) for n in ("<s>", "</s>", "<pad>")}
-    config = Phi3Config(**MODEL, bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"])
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(p["model"], safe_serialization=True)
-    n_params = sum(t.numel() for t in model.parameters())
-    for name, seed in (("adapter_a", 1), ("adapter_b", 2)):
-        lora = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
-        peft = get_peft_model(model, lora)
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for n, t in peft.named_parameters():
-                if "lora_B" in n:
-                    t.copy_(torch.randn(t.shape, generator=gen) * 0.05)
-        peft.save_pretrained(p[name])
-        model = peft.unload()
-    del model
-    t0 = time.perf_counter()
-    export_bundle(
-        ExportConfig(
-            p["model"],
-            p["bundle"],
-            lora_r=LORA_R,
-            lora_alpha=LORA_ALPHA,
-            target_modules=LORA_TARGETS,
-            max_seq_len=MAX_SEQ_LEN,
-        )
-    )
-    export_s = time.perf_counter() - t0
-    meta = {
-        "key": cache_key(),
-        "built": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "export_seconds": export_s,
-        "export_peak_rss_mb": vm_hwm_mb(),
-        "n_params": n_params,
-        "config": MODEL,
-        "max_seq_len": MAX_SEQ_LEN,
-    }
-    (stage / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(stage, final)
-    # Adapter and model paths inside meta are relative, so renaming the staging dir is fine.
-    print(f"built {final} (export {export_s:.1f}s)")
+def host_python() -> Path:
+    """The host venv's python (torch, PEFT, onnxruntime-training 1.19): the reference workers."""
+    env = os.environ.get("EDGEFT_BENCH_HOST_PYTHON")
+    return Path(env) if env else ROOT / ".venv" / "bin" / "python"
 
 
-# ---------------------------------------------------------------------------------------------
-# Model arithmetic
-
-
-def model_facts(model_dir: Path) -> dict:
-    """Parameter counts from the saved weights' header (no torch): matmul and per-token bytes."""
-    import struct
-
-    with open(model_dir / "model.safetensors", "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    shapes = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
-    numel = {k: _prod(s) for k, s in shapes.items()}
-    total = sum(numel.values())
-    embed = sum(n for k, n in numel.items() if "embed_tokens" in k)
-    matmul = sum(n for k, n in numel.items() if len(shapes[k]) == 2 and "embed_tokens" not in k)
-    layers = MODEL["num_hidden_layers"]
-    h, i = MODEL["hidden_size"], MODEL["intermediate_size"]
-    # LoRA r on qkv (h -> 3h) and o (h -> h): A [r, h] + B [out, r].
-    lora = layers * (LORA_R * h + 3 * h * LORA_R + LORA_R * h + h * LORA_R)
-    assert i  # (documented shape)
+def model_facts(spec: dict, targets: str) -> dict:
+    """Parameter counts from the config: matmul parameters (every Linear incl. lm_head; the
+    embedding is a gather) set the FLOPs of a step, 4 x (matmul + LoRA) x tokens for a LoRA step
+    (forward, input gradient, the LoRA weight gradients being negligible)."""
+    c = spec["config"]
+    h, i, n, v = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    attn, mlp = 4 * h * h, 3 * h * i
+    shapes = {"attn": [(h, h)] * 4, "mlp": [(h, i), (h, i), (i, h)]}
+    if spec["layout"] == "phi3":  # fused qkv_proj and gate_up_proj: one LoRA pair each
+        shapes = {"attn": [(h, 3 * h), (h, h)], "mlp": [(h, 2 * i), (i, h)]}
+    lora_shapes = shapes["attn"] + (shapes["mlp"] if targets == "all" else [])
+    lora = n * sum(LORA_R * (a + b) for a, b in lora_shapes)
+    matmul = n * (attn + mlp) + h * v
     return {
-        "params_total": total,
-        "params_embedding": embed,
-        "params_matmul": matmul,  # every Linear incl. lm_head; the embedding is a gather
+        "params_total": matmul + h * v + n * 2 * h + h,
+        "params_matmul": matmul,
         "params_lora": lora,
-        "fp32_weight_bytes": 4 * total,
-        # A decode step reads every matmul weight once (+ LoRA); the embedding row is negligible.
+        "fp32_weight_bytes": 4 * (matmul + h * v + n * 2 * h + h),
+        # A decode step reads every matmul weight once (+ LoRA): the bandwidth roofline.
         "decode_weight_bytes_per_token": 4 * (matmul + lora),
     }
-
-
-def kv_bytes(context: int) -> int:
-    """KV-cache bytes one decode step reads at ``context`` tokens (fp32, all layers, K and V)."""
-    return 4 * 2 * MODEL["num_hidden_layers"] * MODEL["hidden_size"] * context
-
-
-def _prod(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +191,7 @@ def library_versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for pkg in ("edgeft", "onnxruntime-training-cpu", "torch", "transformers", "peft", "numpy", "safetensors"):
+    for pkg in ("edgeft", "onnxruntime", "onnxruntime-training-cpu", "torch", "transformers", "peft", "numpy"):
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -348,10 +281,7 @@ def median(xs):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["build"]:
-        set_threads()
-        _build()
-    elif sys.argv[1:] == ["probe"]:
+    if sys.argv[1:] == ["probe"]:
         set_threads()
         print(json.dumps({"sgemm": sgemm_peak(), "bandwidth": read_bandwidth()}, indent=2))
     else:

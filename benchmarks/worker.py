@@ -1,14 +1,20 @@
 """One benchmark contender in its own process, driven by bench.py over a line protocol.
 
-    python benchmarks/worker.py KIND [--seq N] [--batch N] [--attn IMPL]
+    python benchmarks/worker.py KIND --seq N [--batch N] [--bundle DIR | --model DIR | --artifacts DIR]
+                                [--adapter DIR] [--adapter-b DIR] [--attn IMPL]
 
-KIND: train-edgeft | train-torch | decode-edgeft | decode-torch. The worker loads its model,
-answers ``{"ready": ...}``, then executes one JSON command per stdin line and answers one JSON
-line each (on the original stdout; everything else the libraries print goes to stderr). Its own
-process gives each contender its own peak RSS (VmHWM) and its own thread pools; the parent
-alternates commands between two workers so both see the same machine conditions.
+KIND: train-edgeft | train-ort119 | train-torch | decode-edgeft | decode-torch. The worker loads
+its model, answers ``{"ready": ...}``, then executes one JSON command per stdin line and answers
+one JSON line each (on the original stdout; everything else the libraries print goes to stderr).
+Its own process gives each contender its own peak RSS (VmHWM) and its own thread pools; the
+parent alternates commands between two workers so both see the same machine conditions.
 
-The edgeft workers never import torch, transformers or peft.
+bench.py runs the edgeft workers in the device venv (plain onnxruntime, no torch, so their RSS is
+edgeft's alone) and the torch and onnxruntime-training 1.19 workers in the host venv.
+``EDGEFT_BENCH_SESSION='{"mem_pattern": true, ...}'`` overrides fields of the training graphs'
+SessionConfig (ab.py's A/B rows); ``EDGEFT_BENCH_PROFILE=PREFIX`` turns on ORT's profiler and
+``EDGEFT_BENCH_ORT_OPTIONS='{"enable_cpu_mem_arena": false}'`` sets SessionOptions attributes
+SessionConfig has no field for (diagnostics only).
 """
 
 from __future__ import annotations
@@ -25,98 +31,210 @@ import common  # noqa: E402
 
 common.set_threads()
 
-VOCAB = common.MODEL["vocab_size"]
 
-
-def batch_arrays(batch: int, seq: int, seed: int = 0):
+def batch_arrays(batch: int, seq: int, vocab: int, seed: int = 0):
     """Full rows of random token ids (< vocab), no padding: every position is a loss token."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    ids = rng.integers(3, VOCAB, size=(batch, seq), dtype=np.int64)
+    ids = rng.integers(3, vocab, size=(batch, seq), dtype=np.int64)
     return ids, np.ones_like(ids), ids.copy()
 
 
-def prompt_ids(length: int, seed: int = 1) -> list[int]:
+def prompt_ids(length: int, vocab: int, seed: int = 1) -> list[int]:
     import numpy as np
 
     rng = np.random.default_rng(seed + length)
-    return [int(i) for i in rng.integers(3, VOCAB, size=length)]
+    return [int(i) for i in rng.integers(3, vocab, size=length)]
 
 
 def memory() -> dict:
     return {"vm_hwm_mb": common.vm_hwm_mb(), "vm_rss_mb": common.vm_rss_mb()}
 
 
+def vocab_of(model_dir: Path) -> int:
+    return json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+
+
 # ---------------------------------------------------------------------------------------------
-# Training contenders
+# Training contenders. Each step: one batch, loss + LoRA gradients, clip to 1.0, AdamW.
+
+
+def session_config():
+    """The engine's own graph_session(), with ab.py's overrides (EDGEFT_BENCH_SESSION) applied."""
+    from dataclasses import replace
+
+    from edgeft.device.runtime import graph_session
+
+    overrides = json.loads(os.environ.get("EDGEFT_BENCH_SESSION") or "{}")
+    return replace(graph_session(None, common.THREADS), **overrides)
+
+
+def patch_session_options(attrs: dict) -> None:
+    """Set SessionOptions attributes that SessionConfig has no field for (the profiler, the CPU
+    arena) on every session this worker opens, by wrapping edgeft.device.session.session_options.
+    Diagnostics only (EDGEFT_BENCH_PROFILE, EDGEFT_BENCH_ORT_OPTIONS); the A/B rows use SessionConfig."""
+    from edgeft.device import session
+
+    original = session.session_options
+
+    def patched(cfg):
+        opts = original(cfg)
+        for key, value in attrs.items():
+            setattr(opts, key, value)
+        return opts
+
+    session.session_options = patched
 
 
 class EdgeftTrain:
-    """LoraModel.forward_backward + numpy AdamW, through train.py's own _Run._optimizer_step."""
+    """The new engine: LoraGraphs.loss_and_grads + numpy AdamW, through train.py's own
+    _Run._optimizer_step (the step `edgeft train` runs)."""
 
-    def __init__(self, seq: int, batch: int, **_):
+    def __init__(self, seq: int, batch: int, bundle: str, adapter: str, **_):
         from types import SimpleNamespace
+
+        import numpy as np
 
         from edgeft.bundle import Bundle
         from edgeft.device.adapter import load_adapter
         from edgeft.device.data import Batch
         from edgeft.device.optim import AdamW
-        from edgeft.device.runtime import LoraModel
+        from edgeft.device.runtime import LoraGraphs
         from edgeft.device.train import _Run
 
-        p = common.paths()
-        bundle = Bundle.open(p["bundle"])
-        self.model = LoraModel(bundle, load_adapter(p["adapter_a"], bundle), threads=common.THREADS)
-        opt = bundle.manifest["optimizer"]
-        ids, mask, labels = batch_arrays(batch, seq)
+        b = Bundle.open(bundle)
+        self.graphs = LoraGraphs(b, session_config())
+        opt = b.manifest["optimizer"]
+        ids, mask, labels = batch_arrays(batch, seq, b.manifest["vocab_size"])
         self.batch = Batch(ids, mask, labels, int(batch * (seq - 1)), int(batch * seq))
+        lora = load_adapter(Path(adapter), b)
         # The attributes _Run._optimizer_step reads: one micro-batch per step, constant data.
         self.run = SimpleNamespace(
             cfg=SimpleNamespace(grad_accum=1, lr=2e-4, warmup_steps=0),
+            lora={n: np.array(lora[n], np.float32) for n in lora},
             step=0,
             total=10**6,
             optim=AdamW(tuple(opt["betas"]), opt["eps"], opt["weight_decay"], opt["max_grad_norm"]),
             _next_batch=lambda: self.batch,
         )
-        self._optimizer_step = _Run._optimizer_step
         self.fb_seconds = 0.0
-        forward_backward = self.model.forward_backward
+        loss_and_grads = self.graphs.loss_and_grads
 
-        def timed_fb(*a, **k):
+        def timed(*a, **k):
             t0 = time.perf_counter()
             try:
-                return forward_backward(*a, **k)
+                return loss_and_grads(*a, **k)
             finally:
                 self.fb_seconds += time.perf_counter() - t0
 
-        self.model.forward_backward = timed_fb
+        self.graphs.loss_and_grads = timed
+        self._optimizer_step = _Run._optimizer_step
 
     def step(self) -> dict:
         self.fb_seconds = 0.0
         t0 = time.perf_counter()
-        loss, ntok = self._optimizer_step(self.run, self.model)
+        loss, ntok = self._optimizer_step(self.run, self.graphs)
         dt = time.perf_counter() - t0
         self.run.step += 1
         return {"seconds": dt, "forward_backward_seconds": self.fb_seconds, "loss": float(loss), "tokens": ntok}
 
+    def end_profiling(self) -> dict:
+        return {"path": self.graphs._training.session.end_profiling()}
+
+
+def training_api():
+    """``onnxruntime.training.api`` without running ``onnxruntime/training/__init__`` (which imports
+    torch-based modules): an empty package object over the real directory, as the old engine's
+    edgeft/device/ort.py did."""
+    import importlib
+    import importlib.util
+    import types
+
+    if "onnxruntime.training" not in sys.modules:
+        spec = importlib.util.find_spec("onnxruntime.training")
+        if spec is None:
+            raise RuntimeError("this onnxruntime has no training API (the host venv's onnxruntime-training 1.19 has)")
+        package = types.ModuleType("onnxruntime.training")
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__spec__ = spec
+        sys.modules["onnxruntime.training"] = package
+    return importlib.import_module("onnxruntime.training.api")
+
+
+class Ort119Train:
+    """The old engine (onnxruntime-training 1.19's Module): nominal checkpoint, every parameter copied
+    into one contiguous buffer, Module(training, state, eval), memory pattern off, numpy AdamW on
+    the LoRA tensors and written back into the Module's state each step."""
+
+    def __init__(self, seq: int, batch: int, artifacts: str, **_):
+        import numpy as np
+        import onnxruntime as ort
+        from safetensors.numpy import load_file
+
+        from edgeft.device.optim import AdamW  # the same optimizer as the new engine
+
+        ort.set_default_logger_severity(3)
+        api = training_api()
+        root = Path(artifacts)
+        meta = json.loads((root / "bench-build.json").read_text())
+        self.names = meta["trainable"]
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = common.THREADS
+        opts.inter_op_num_threads = 1
+        opts.use_deterministic_compute = True
+        opts.enable_mem_pattern = False  # the old engine's setting (-1 GB at seq 512, RESULTS.md then)
+        self.state = api.CheckpointState.load_checkpoint(str(root / "nominal_checkpoint"))
+        self.module = api.Module(
+            str(root / "training_model.onnx"),
+            self.state,
+            str(root / "eval_model.onnx"),
+            device="cpu",
+            session_options=opts,
+        )
+        params = load_file(str(root / "params.safetensors"))
+        buffer = np.empty(sum(params[n].size for n in meta["order"]), np.float32)
+        offset = 0
+        for n in meta["order"]:
+            buffer[offset : offset + params[n].size] = params[n].reshape(-1)
+            offset += params[n].size
+        self.module.copy_buffer_to_parameters(ort.OrtValue.ortvalue_from_numpy(buffer)._ortvalue, False)
+        self.lora = {n: np.array(params[n], np.float32) for n in self.names}
+        del params, buffer
+        self.optim = AdamW((0.9, 0.999), 1e-8, 0.0, 1.0)
+        ids, mask, labels = batch_arrays(batch, seq, vocab_of(root.parent / "model"))
+        self.inputs = (ids, mask, labels, np.array(float(batch * (seq - 1)), np.float32))
+        self.ntok = int(batch * seq)
+
+    def step(self) -> dict:
+        t0 = time.perf_counter()
+        self.module.lazy_reset_grad()
+        self.module.train()
+        loss = float(self.module(*self.inputs))
+        fb = time.perf_counter() - t0
+        params = self.state.parameters
+        self.optim.step(self.lora, {n: params[n].grad for n in self.names}, 2e-4)
+        for n in self.names:
+            params[n] = self.lora[n]
+        dt = time.perf_counter() - t0
+        return {"seconds": dt, "forward_backward_seconds": fb, "loss": loss, "tokens": self.ntok}
+
 
 class TorchTrain:
-    """torch + PEFT eager: forward with labels, backward, clip to 1.0, torch.optim.AdamW."""
+    """torch + PEFT eager fp32: forward with labels, backward, clip to 1.0, torch.optim.AdamW."""
 
-    def __init__(self, seq: int, batch: int, attn: str = "sdpa", **_):
+    def __init__(self, seq: int, batch: int, model: str, adapter: str, attn: str = "sdpa", **_):
         import torch
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(common.THREADS)
-        p = common.paths()
-        base = AutoModelForCausalLM.from_pretrained(p["model"], dtype=torch.float32, attn_implementation=attn)
-        self.model = PeftModel.from_pretrained(base, p["adapter_a"], is_trainable=True)
+        base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation=attn)
+        self.model = PeftModel.from_pretrained(base, adapter, is_trainable=True)
         self.model.train()
         self.params = [t for t in self.model.parameters() if t.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=2e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-        ids, mask, labels = batch_arrays(batch, seq)
+        ids, mask, labels = batch_arrays(batch, seq, vocab_of(model))
         self.ids, self.mask, self.labels = (torch.from_numpy(a) for a in (ids, mask, labels))
         self.torch = torch
 
@@ -138,15 +256,15 @@ class TorchTrain:
 class EdgeftDecode:
     """TextGenerator.stream (Decoder, KV cache, greedy) with adapter 'a' (and 'b' for switching)."""
 
-    def __init__(self, **_):
+    def __init__(self, bundle: str, adapter: str, adapter_b: str, **_):
         from edgeft.device.decoder import Sampling
         from edgeft.device.generate import TextGenerator
 
-        p = common.paths()
         self.Sampling = Sampling
-        self.gen = TextGenerator(p["bundle"], threads=common.THREADS)
-        self.gen.decoder.add_adapter("a", p["adapter_a"])
-        self.gen.decoder.add_adapter("b", p["adapter_b"])
+        self.gen = TextGenerator(Path(bundle), threads=common.THREADS)
+        self.vocab = self.gen.bundle.manifest["vocab_size"]
+        self.gen.decoder.add_adapter("a", Path(adapter))
+        self.gen.decoder.add_adapter("b", Path(adapter_b))
         self.gen.stop_ids = set()  # random weights: never stop early, always generate N tokens
         self.stamps: list[float] = []
         generate_ids = self.gen.decoder.generate_ids
@@ -159,7 +277,7 @@ class EdgeftDecode:
         self.gen.decoder.generate_ids = timed  # the instance attribute Stream calls
 
     def generate(self, prompt_len: int, new_tokens: int, adapter: str = "a") -> dict:
-        prompt = prompt_ids(prompt_len)
+        prompt = prompt_ids(prompt_len, self.vocab)
         self.stamps = []
         t0 = time.perf_counter()
         stream = self.gen.stream(prompt, adapter, self.Sampling(max_new_tokens=new_tokens))
@@ -170,7 +288,7 @@ class EdgeftDecode:
 
     def first_step(self, adapter: str, prompt_len: int) -> dict:
         """One request of one token: its whole time is the first (prefill) step."""
-        prompt = prompt_ids(prompt_len, seed=7)
+        prompt = prompt_ids(prompt_len, self.vocab, seed=7)
         t0 = time.perf_counter()
         tokens = list(self.gen.decoder.generate_ids(prompt, adapter, self.Sampling(max_new_tokens=1), set()))
         return {"seconds": time.perf_counter() - t0, "tokens": tokens}
@@ -224,20 +342,64 @@ class EdgeftDecode:
             gc.collect()
         return {"seconds": times}
 
+    def binding_ab(self, context: int, steps: int) -> dict:
+        """Decode steps at a fixed ``context``: the IOBinding path (what non-CPU providers use), forced
+        on a second Decoder over the same bundle, against this one's numpy feeds, interleaved."""
+        import numpy as np
+
+        decs = {"iobinding": self._binding_decoder(), "numpy_feeds": self.gen.decoder}
+        prompt = (np.arange(10, 10 + context, dtype=np.int64) % self.vocab)[None]
+        past = {}
+        for name, d in decs.items():
+            _, past[name] = d.step(
+                prompt, np.ones((1, context), np.int64), np.arange(context)[None], d.empty_past(), "a"
+            )
+        times = {name: [] for name in decs}
+        ids, mask, pos = np.array([[5]]), np.ones((1, context + 1), np.int64), np.array([[context]])
+        for i in range(steps):
+            for name in list(decs) if i % 2 == 0 else list(reversed(decs)):
+                t0 = time.perf_counter()
+                decs[name].step(ids, mask, pos, past[name], "a")
+                times[name].append(time.perf_counter() - t0)
+        decs["iobinding"]._release()
+        out = {name: {"median_ms": 1e3 * float(np.median(t))} for name, t in times.items()}
+        diffs = np.array(times["iobinding"]) - np.array(times["numpy_feeds"])
+        out["paired_diff_ms"] = 1e3 * float(np.median(diffs))  # robust to load drift
+        return out
+
+    def binding_same_tokens(self) -> dict:
+        """Both step paths give the same greedy tokens, switching adapters between requests."""
+        prompt = list(range(10, 60))
+        runs = [
+            [list(d.generate_ids(prompt, a, self.Sampling(max_new_tokens=12), set())) for a in ("a", "b", "base", "a")]
+            for d in (self._binding_decoder(), self.gen.decoder)
+        ]
+        return {"same": runs[0] == runs[1]}
+
+    def _binding_decoder(self):
+        if getattr(self, "_binding", None) is None:
+            from edgeft.device.decoder import Decoder
+
+            self._binding = Decoder(self.gen.bundle, threads=common.THREADS)
+            self._binding._use_binding = True
+            for name in ("a", "b"):
+                self._binding.adapters[name] = self.gen.decoder.adapters[name]
+        return self._binding
+
 
 class TorchDecode:
     """transformers generate: torch CPU, PEFT adapter (unmerged), use_cache, greedy."""
 
-    def __init__(self, attn: str = "sdpa", **_):
+    def __init__(self, model: str, adapter: str, attn: str = "sdpa", **_):
         import torch
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(common.THREADS)
-        p = common.paths()
-        base = AutoModelForCausalLM.from_pretrained(p["model"], dtype=torch.float32, attn_implementation=attn)
+        base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation=attn)
         base.generation_config.eos_token_id = None  # never stop early, like the edgeft side
-        self.model = PeftModel.from_pretrained(base, p["adapter_a"]).eval()
+        self.model = PeftModel.from_pretrained(base, adapter).eval()
+        self.vocab = vocab_of(model)
         self.torch = torch
 
     def generate(self, prompt_len: int, new_tokens: int, adapter: str = "a") -> dict:
@@ -251,7 +413,7 @@ class TorchDecode:
             def end(self):
                 pass
 
-        ids = torch.tensor([prompt_ids(prompt_len)])
+        ids = torch.tensor([prompt_ids(prompt_len, self.vocab)])
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = self.model.generate(
@@ -269,12 +431,24 @@ class TorchDecode:
         return _decode_result(t0, t1, stamps[1:], tokens, new_tokens)
 
 
-def sgemm_ort(n: int = 3072, tries: int = 5) -> dict:
-    """ONNX Runtime's own float32 MatMul peak (MLAS, THREADS intra-op threads), for context."""
+def sgemm_ort(n: int = 3072, tries: int = 5, model: str | None = None) -> dict:
+    """ONNX Runtime's own float32 MatMul peak (MLAS, THREADS intra-op threads), for context. The
+    one-MatMul graph comes from the host (``matmul_model``): the device venv has no onnx package."""
     import numpy as np
-    from onnx import TensorProto, helper
 
-    from edgeft.device.ort import onnxruntime, session_options
+    from edgeft.device.session import SessionConfig, onnxruntime, session_options
+
+    opts = session_options(SessionConfig(threads=common.THREADS))
+    sess = onnxruntime().InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    feeds = {x: np.random.default_rng(0).standard_normal((n, n), dtype=np.float32) for x in ("a", "b")}
+    sess.run(None, feeds)
+    best = min(_timed(lambda: sess.run(None, feeds)) for _ in range(tries))
+    return {"gflops": 2 * n**3 / best / 1e9, "n": n}
+
+
+def matmul_model(path: Path, n: int = 3072) -> Path:
+    """An n x n MatMul graph for sgemm_ort, written by the host side (which has onnx)."""
+    from onnx import TensorProto, helper, save
 
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["a", "b"], ["c"])],
@@ -284,11 +458,8 @@ def sgemm_ort(n: int = 3072, tries: int = 5) -> dict:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    sess = onnxruntime().InferenceSession(model.SerializeToString(), session_options(common.THREADS))
-    feeds = {x: np.random.default_rng(0).standard_normal((n, n), dtype=np.float32) for x in ("a", "b")}
-    sess.run(None, feeds)
-    best = min(_timed(lambda: sess.run(None, feeds)) for _ in range(tries))
-    return {"gflops": 2 * n**3 / best / 1e9, "n": n}
+    save(model, str(path))
+    return path
 
 
 def sgemm_torch(n: int = 3072, tries: int = 5) -> dict:
@@ -324,50 +495,21 @@ def _decode_result(t0: float, t1: float, stamps: list[float], tokens: list[int],
 
 KINDS = {
     "train-edgeft": EdgeftTrain,
+    "train-ort119": Ort119Train,
     "train-torch": TorchTrain,
     "decode-edgeft": EdgeftDecode,
     "decode-torch": TorchDecode,
 }
 
 
-def _apply(opts, overrides: dict):
-    """Set SessionOptions attributes; ints for enum attributes (execution_order) become the enum."""
-    for key, value in overrides.items():
-        current = getattr(opts, key)
-        setattr(opts, key, value if isinstance(current, (bool, int, float, str)) else type(current)(value))
-    return opts
-
-
-def _session_option_overrides() -> None:
-    """ab.py's hook: EDGEFT_BENCH_ORT_OPTIONS='{"enable_cpu_mem_arena": false}' sets those
-    SessionOptions attributes on every session edgeft creates in this worker."""
-    overrides = json.loads(os.environ.get("EDGEFT_BENCH_ORT_OPTIONS") or "{}")
-    if not overrides:
-        return
-    import edgeft.device.ort as edgeft_ort
-    import edgeft.device.runtime as runtime
-
-    original = edgeft_ort.session_options
-
-    def patched(threads=None, deterministic=True):
-        return _apply(original(threads, deterministic), overrides)
-
-    edgeft_ort.session_options = runtime.session_options = patched
-    training_options = getattr(runtime, "_training_options", None)
-    if training_options is not None:  # the Module's own options, applied after edgeft's choices
-
-        def patched_training(threads=None):
-            return _apply(training_options(threads), overrides)
-
-        runtime._training_options = patched_training
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("kind", choices=sorted(KINDS))
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=common.BATCH)
     parser.add_argument("--attn", default="sdpa")
+    for name in ("--bundle", "--model", "--artifacts", "--adapter", "--adapter-b"):
+        parser.add_argument(name)
     args = parser.parse_args()
     # Protocol on the real stdout; anything a library prints goes to stderr instead.
     proto = os.fdopen(os.dup(1), "w", buffering=1)
@@ -377,10 +519,14 @@ def main() -> None:
     def send(obj) -> None:
         proto.write(json.dumps(obj) + "\n")
 
-    _session_option_overrides()
+    attrs = json.loads(os.environ.get("EDGEFT_BENCH_ORT_OPTIONS") or "{}")
+    if os.environ.get("EDGEFT_BENCH_PROFILE"):
+        attrs.update(enable_profiling=True, profile_file_prefix=os.environ["EDGEFT_BENCH_PROFILE"])
+    if attrs:
+        patch_session_options(attrs)
     t0 = time.perf_counter()
     try:
-        worker = KINDS[args.kind](seq=args.seq, batch=args.batch, attn=args.attn)
+        worker = KINDS[args.kind](**{k: v for k, v in vars(args).items() if k != "kind" and v is not None})
     except Exception as e:  # noqa: BLE001 - report, then exit non-zero
         send({"error": f"{type(e).__name__}: {e}"})
         raise
