@@ -8,6 +8,7 @@ the ServerApp) and three `edgeft fleet client` devices (SuperNodes and ClientApp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -109,10 +110,11 @@ def test_dora_magnitudes_are_token_weighted_means():
 
 def test_stacked_adapter_loads_in_peft_and_equals_the_mean(factory, tmp_path):
     """The exact `stack` adapter (rank 3 r) is a PEFT adapter whose ΔW is the mean update."""
+    from helpers import torch_peft_model
+
     from edgeft.bundle import Bundle
     from edgeft.device.adapter import bundle_scaling, load_adapter
     from edgeft.fleet.updates import peft_tensors, save_stacked
-    from helpers import torch_peft_model
 
     # the same bundle as test_adapter_methods' rsLoRA case (exported once): rsLoRA, rank and alpha patterns
     options = dict(use_rslora=True, rank_pattern={"q_proj": 4}, alpha_pattern={"o_proj": 32})
@@ -255,10 +257,8 @@ class _Fleet:
         return (self.root / f"{name}.log").read_text(errors="replace")
 
     def kill(self, proc: subprocess.Popen) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait(timeout=30)
 
     def close(self) -> None:
@@ -324,12 +324,14 @@ def test_fleet_learns_what_no_device_learns_alone(llama_bundle, non_iid, fleet):
 
     history = json.loads((out / "history.json").read_text())
     assert history["status"] == "finished" and len(history["rounds"]) == 3
-    adapter_bytes = (Path(llama_bundle) / "adapter" / "adapter_model.safetensors").stat().st_size
+    from safetensors.numpy import load_file
+
+    raw = sum(t.nbytes for t in load_file(str(Path(llama_bundle) / "adapter" / "adapter_model.safetensors")).values())
     for r in history["rounds"]:
         assert sorted(c.split(" ")[0] for c in r["clients"]) == ["dev0", "dev1", "dev2"] and not r["rejected"]
         err = r["aggregation_error"]
         assert err["stack"] < 1e-5 and err["svd"] < err["fedavg"], err
-        assert r["tokens"] > 0 and 0.9 * 3 * adapter_bytes < r["bytes_received"] < 3 * adapter_bytes
+        assert r["tokens"] > 0 and 3 * raw <= r["bytes_received"] < 1.1 * 3 * raw  # the tensors, little else
     assert "err svd" in fleet.log("server")  # the per-round table
     final = out / "round-003" / "adapter"
     fleet_loss = evaluate(EvalConfig(llama_bundle, DATA / "eval.jsonl", adapter=final))["loss"]

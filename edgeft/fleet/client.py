@@ -30,6 +30,7 @@ from edgeft.fsutil import atomic_write_json
 CONFIG_FILE = "fleet-client.json"
 ROUNDS_LOG = "rounds.jsonl"
 FINISHED = "finished.json"
+DONE_GRACE = 5.0
 
 
 @dataclass
@@ -94,6 +95,7 @@ def join(cfg: ClientConfig) -> dict:
             time.sleep(0.5)
         for entry in _rounds(state)[len(seen) :]:
             _say(cfg, _describe(entry))
+        time.sleep(DONE_GRACE)  # let the SuperNode upload the reply to the end-of-run message
     finally:
         stop(node)
     _say(cfg, "the server ended the run")

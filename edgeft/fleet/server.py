@@ -34,6 +34,7 @@ from edgeft.fsutil import atomic_write_json
 AGGREGATIONS = ("svd", "stack", "fedavg")
 CONFIG_FILE = "fleet-server.json"
 HISTORY = "history.json"
+DONE_TIMEOUT = 20.0  # seconds the end-of-run message waits for the devices' replies
 
 
 @dataclass
@@ -291,7 +292,7 @@ class _Job:
         ]
         sent_bytes = sum(_record_bytes(m.content["global"]) for m in messages)
         self.log(f"round {rnd}: sent the global adapter to {len(nodes)} devices")
-        replies = self._collect(grid, messages, rnd)
+        replies = self._collect(grid, messages, rnd, self.s["round_timeout"])
         accepted, rejected, received = self._check(replies, rnd)
         for node in set(nodes) - set(replies):
             info = {n.node_id: n for n in grid.get_nodes()}.get(node)
@@ -316,18 +317,42 @@ class _Job:
         self.history["rounds"].append(entry)
         self.write_history()
 
-    def _collect(self, grid, messages: list, rnd: int) -> dict[int, object]:
-        """Replies by node, until every node replied or the round timeout passed."""
-        ids = {mid: m.metadata.dst_node_id for mid, m in zip(grid.push_messages(messages), messages)}
-        deadline = time.monotonic() + self.s["round_timeout"]
-        replies: dict[int, object] = {}
-        while ids and time.monotonic() < deadline:
-            for reply in grid.pull_messages(list(ids)):
-                node = ids.pop(reply.metadata.reply_to_message_id, None)
-                if node is not None:
-                    replies[node] = reply
-            if ids:
+    def _collect(self, grid, messages: list, rnd: int, timeout: float) -> dict[int, object]:
+        """Replies by node, until every node replied or ``timeout`` seconds passed.
+
+        Each reply is pulled by its own thread: Flower's ``pull_messages`` waits (up to hours,
+        retrying) for the parts of a reply whose sender died while uploading it, and that must
+        not hold up the round. A thread still stuck when the round ends is left behind (daemon)."""
+        import queue
+        import threading
+
+        arrived: queue.Queue = queue.Queue()
+        closed = threading.Event()
+        deadline = time.monotonic() + timeout
+
+        def pull(message_id: str, node: int) -> None:
+            while not closed.is_set() and time.monotonic() < deadline:
+                try:
+                    got = list(grid.pull_messages([message_id]))
+                except Exception as e:  # the SuperLink said no: a failed reply, not a crash of the round
+                    self.log(f"round {rnd}: node {node}: pulling its reply failed: {e}")
+                    return
+                if got:
+                    arrived.put((node, got[0]))
+                    return
                 time.sleep(0.5)
+
+        pending = {mid: m.metadata.dst_node_id for mid, m in zip(grid.push_messages(messages), messages)}
+        for mid, node in pending.items():
+            threading.Thread(target=pull, args=(mid, node), daemon=True, name=f"pull-{node}").start()
+        replies: dict[int, object] = {}
+        while len(replies) < len(pending) and (left := deadline - time.monotonic()) > 0:
+            try:
+                node, reply = arrived.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                continue
+            replies[node] = reply
+        closed.set()
         return replies
 
     def _check(self, replies: dict, rnd: int) -> tuple[list, list, int]:
@@ -405,24 +430,17 @@ class _Job:
         return evaluate(EvalConfig(Path(self.s["bundle"]), Path(self.s["eval_data"]), adapter=adapter))["loss"]
 
     def _say_done(self, grid) -> None:
-        """Tell the devices the run is over (best effort, a few seconds), so ``edgeft fleet client`` exits."""
+        """Tell the devices the run is over, so ``edgeft fleet client`` exits. Their replies are
+        awaited a little (messages of a run that ended are not delivered), not required."""
         from flwr.app import ConfigRecord, Message, RecordDict
 
         nodes = [n.node_id for n in self._nodes(grid)]
-        if not nodes:
-            return
-        done = [
-            Message(
-                RecordDict({"done": ConfigRecord({"run": self.run_id})}), dst_node_id=n, message_type="query", ttl=60
-            )
-            for n in nodes
-        ]
-        ids = set(grid.push_messages(done))
-        deadline = time.monotonic() + 15
-        while ids and time.monotonic() < deadline:
-            ids -= {r.metadata.reply_to_message_id for r in grid.pull_messages(list(ids))}
-            if ids:
-                time.sleep(0.5)
+        if nodes:
+            done = [{"done": ConfigRecord({"run": self.run_id})} for _ in nodes]
+            messages = [
+                Message(RecordDict(d), dst_node_id=n, message_type="query", ttl=60) for d, n in zip(done, nodes)
+            ]
+            self._collect(grid, messages, 0, DONE_TIMEOUT)
 
 
 def _record(tensors: dict[str, np.ndarray]):
