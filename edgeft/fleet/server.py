@@ -13,6 +13,7 @@ sends every one the current global adapter, collects their updates until all rep
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -93,6 +94,8 @@ def serve(cfg: ServerConfig) -> dict:
         runner = start(run_cmd, env, None if cfg.progress else out / "flwr-run.log")
         try:
             runner.wait(timeout=budget)
+        except subprocess.TimeoutExpired:
+            raise EdgeftError(f"the federated run took longer than {budget:g} s (rounds x timeouts); stopped") from None
         finally:
             stop(runner)
         history = _read_history(out)
