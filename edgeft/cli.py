@@ -318,6 +318,109 @@ def plan(bundle, batch_size, max_seq_len, as_json, trusted_key):
     click.echo("  " + ", ".join(f"{k.removesuffix('_mb')} {result[k]:.0f} MB" for k in parts))
 
 
+@main.group()
+def fleet():
+    """Federated fine-tuning over Flower: devices train locally, a server merges their adapters."""
+
+
+@fleet.command(name="server")
+@click.argument("bundle", type=PathArg)
+@click.option("--rounds", required=True, type=click.IntRange(min=1), help="Federated rounds.")
+@click.option("--min-clients", required=True, type=click.IntRange(min=1), help="Devices a round waits for.")
+@click.option("--out", required=True, type=PathArg, help="Directory: round-NNN/adapter, history.json, logs.")
+@click.option(
+    "--aggregation",
+    type=click.Choice(["svd", "stack", "fedavg"]),
+    default="svd",
+    show_default=True,
+    help="svd: mean update truncated to rank r; stack: exact (rank grows; PEFT only), then svd to go on; "
+    "fedavg: A and B averaged apart (baseline).",
+)
+@click.option(
+    "--address", default="127.0.0.1:9092", show_default=True, help="HOST:PORT to listen on (loopback without TLS)."
+)
+@click.option("--eval-data", type=PathArg, help="Held-out JSON Lines: eval loss of each round's adapter.")
+@click.option("--sign-key", type=PathArg, help="Sign every global adapter with this private key (edgeft keygen).")
+@click.option(
+    "--round-timeout",
+    default=600.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a round waits for updates.",
+)
+@click.option(
+    "--join-timeout",
+    default=600.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a round waits for --min-clients devices.",
+)
+@click.option(
+    "--max-update-norm",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Reject updates that move the adapter farther (Frobenius, weight space).",
+)
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--ssl-certfile", type=PathArg, help="TLS: the server's certificate.")
+@click.option("--ssl-keyfile", type=PathArg, help="TLS: its private key.")
+@click.option(
+    "--ssl-ca-certfile", type=PathArg, help="TLS: the CA that signed it (devices get it as --root-certificates)."
+)
+@click.option(
+    "--supernode-auth", is_flag=True, help="Flower node authentication: only registered device keys join (needs TLS)."
+)
+@click.option("--no-progress", is_flag=True, help="Write Flower's run log to OUT/flwr-run.log instead of stdout.")
+def fleet_server(no_progress, **options):
+    """(server) Run N federated rounds of BUNDLE's adapter with the devices that join."""
+    from edgeft.fleet.server import ServerConfig, round_table, serve
+
+    history = serve(ServerConfig(progress=not no_progress, **options))
+    click.echo(round_table(history))
+
+
+@fleet.command(name="client")
+@click.argument("bundle", type=PathArg)
+@click.option("--data", required=True, type=PathArg, help="This device's training data, JSON Lines (never leaves it).")
+@click.option("--server", required=True, help="The fleet server, HOST:PORT.")
+@click.option(
+    "--state-dir",
+    default="edgeft-fleet-client",
+    show_default=True,
+    type=PathArg,
+    help="Checkpoints and logs of this device.",
+)
+@click.option("--name", help="How the server's log names this device [default: the host name].")
+@click.option("--steps-per-round", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=2e-4, show_default=True, type=float)
+@click.option("--warmup-steps", default=0, show_default=True, type=int)
+@click.option("--batch-size", default=4, show_default=True, type=int)
+@click.option("--grad-accum", default=1, show_default=True, type=int)
+@click.option("--max-seq-len", type=int, help="Default: the bundle's.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--save-every",
+    default=5,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Checkpoint every N steps of a round (0: never).",
+)
+@click.option("--truncate", is_flag=True, help="Cut over-long samples instead of refusing them.")
+@click.option("--threads", type=int, help="Intra-op threads (default: all cores).")
+@click.option("--trusted-key", type=PathArg, help="Refuse global adapters not signed by this public key.")
+@click.option("--root-certificates", type=PathArg, help="TLS: the CA certificate of the server.")
+@click.option("--auth-key", type=PathArg, help="Flower node authentication: this device's private key (needs TLS).")
+@click.option(
+    "--idle-timeout", type=click.FloatRange(min=0, min_open=True), help="Stop after this many seconds without a round."
+)
+@click.option("--no-progress", is_flag=True)
+def fleet_client(no_progress, **options):
+    """(device) Join a fleet server: train each round's global adapter on --data, send back the update."""
+    from edgeft.fleet.client import ClientConfig, join
+
+    result = join(ClientConfig(progress=not no_progress, **options))
+    click.echo(json.dumps({"rounds": len([r for r in result["rounds"] if "refused" not in r])}))
+
+
 @main.command()
 @click.option("--out", required=True, type=PathArg, help="Private key file to write; the public key goes to OUT.pub.")
 def keygen(out):

@@ -61,6 +61,7 @@ class TrainConfig:
     provider: str | None = None
     trusted_key: Path | None = None  # public key the bundle must be signed by (default: env EDGEFT_TRUSTED_KEY)
     recompute: str = "auto"  # "none" | "layers" | "auto": layer recomputation only when needed to fit
+    init_adapter: Path | None = None  # start from this PEFT adapter instead of the bundle's initial one (edgeft fleet)
 
 
 @dataclass
@@ -187,12 +188,16 @@ class _Run:
         fp["bundle_manifest_sha256"] = hashlib.sha256(
             json.dumps(self.bundle.manifest, sort_keys=True).encode()
         ).hexdigest()
+        start = Path(self.cfg.init_adapter or "") / "adapter_model.safetensors"
+        if self.cfg.init_adapter is not None and start.is_file():  # (a missing one: load_adapter says so)
+            fp["init_adapter_sha256"] = sha256_file(start)
         return fp
 
     def execute(self, evals: list[Example] | None) -> dict:
         lora = self._restore() if self.cfg.resume else None
         if lora is None:
-            lora = load_adapter(self.bundle.path(self.bundle.manifest["lora"]["init_adapter"]), self.bundle)
+            start = self.cfg.init_adapter or self.bundle.path(self.bundle.manifest["lora"]["init_adapter"])
+            lora = load_adapter(start, self.bundle)
         self.lora = {n: np.array(lora[n], np.float32) for n in lora}  # owned here, updated in place
         model = LoraGraphs(self.bundle, graph_session(self.settings.provider, self.settings.threads), self.recompute)
         before = mean_loss(model, self.lora, evals, self.cfg.batch_size, self.pad)[0] if evals else None
