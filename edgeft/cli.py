@@ -141,7 +141,14 @@ def export(profile, max_seq_len, quantize, **options):
 @click.option("--grad-accum", default=1, show_default=True, type=int)
 @click.option("--max-seq-len", type=int, help="Default: the bundle's.")
 @click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--save-every", default=0, show_default=True, type=int, help="Checkpoint every N steps (0: never).")
+@click.option("--save-every", default=0, show_default=True, type=int, help="Checkpoint every N steps (0: off).")
+@click.option(
+    "--save-minutes",
+    default=5.0,
+    show_default=True,
+    type=float,
+    help="Also checkpoint whenever this many minutes passed since the last checkpoint (0: off).",
+)
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in --out.")
 @click.option("--truncate", is_flag=True, help="Cut over-long samples instead of refusing them.")
 @click.option("--threads", type=int, help="Intra-op threads (default: all cores).")

@@ -19,7 +19,7 @@ MODEL_TABLE: dict[str, ModelFacts] = {
     "llama": ModelFacts(("q_proj", "k_proj", "v_proj", "o_proj")),
     "mistral": ModelFacts(("q_proj", "k_proj", "v_proj", "o_proj")),
     "qwen2": ModelFacts(("q_proj", "k_proj", "v_proj", "o_proj")),
-    "phi3": ModelFacts(("qkv_proj", "o_proj"), train_activation_factor=1.60),
+    "phi3": ModelFacts(("qkv_proj", "o_proj"), train_activation_factor=2.88),
 }
 
 

@@ -76,6 +76,24 @@ def test_checkpoints_are_complete_and_pruned(llama_bundle, tmp_path):
     }
 
 
+def test_checkpoints_by_time_are_on_by_default(llama_bundle, tmp_path, monkeypatch):
+    """A device that loses power loses at most --save-minutes of work (default 5): checkpoints are
+    written by wall time even without --save-every; 0 turns that off."""
+    import time
+
+    from edgeft.device import train as train_module
+
+    assert TrainConfig(llama_bundle, DATA / "train.jsonl", tmp_path).save_minutes == 5.0
+    clock = iter(range(0, 10**6, 200))  # each look at the clock: 200 s later, so 5 min pass every 2 steps
+    monkeypatch.setattr(train_module.time, "monotonic", lambda: next(clock))
+    train(_cfg(llama_bundle, tmp_path / "timed", max_steps=6))
+    saved = sorted(p.name for p in (tmp_path / "timed" / "checkpoints").glob("step-*"))
+    assert saved == ["step-00000002", "step-00000004"]
+    monkeypatch.setattr(train_module.time, "monotonic", time.monotonic)
+    train(_cfg(llama_bundle, tmp_path / "off", max_steps=4, save_minutes=0))
+    assert not (tmp_path / "off" / "checkpoints").exists()
+
+
 def test_resume_after_interruption_equals_uninterrupted_run(llama_bundle, tmp_path, monkeypatch):
     """Interrupted in process after step 7, then resumed: bit-exact (measured: ONNX Runtime's
     deterministic compute + numpy AdamW). A KeyboardInterrupt unwinds, so clean-up code still runs:

@@ -1,11 +1,12 @@
 """Memory planner: peak RSS of training and of serving a bundle, before running either.
 
 The estimate is structural (weights, LoRA and optimizer state, activations, KV cache) with
-coefficients measured on plain onnxruntime 1.32, CPU, fp32: 30 training runs over five model
-shapes (llama, qwen2 with tied embeddings, phi3; 27-364 MB of weights, vocab 512-32064, batch
-1-4, sequence 128-1024) fell within ±7 % of the fitted formula but one (+14 %: phi3 with a 32064
-vocabulary at batch 1 x 128, whose embedding rows are mostly never read, so never resident);
-6 serving runs within ±16 %.
+coefficients measured on plain onnxruntime 1.32, CPU, fp32, with edgeft's training session
+options: 30 training runs over five model shapes (llama, qwen2 with tied embeddings, phi3; 27-364
+MB of weights, vocab 512-32064, batch 1-4, sequence 128-1024) fell within ±9 % of the fitted
+formula but one (+14 %: phi3 with a 32064 vocabulary at batch 1 x 128, whose embedding rows are
+mostly never read, so never resident); the same 30 with layer recomputation within ±8 % but that
+one (+14 %); 6 serving runs within ±16 %.
 The interpreter and runtime libraries are measured, not assumed: the planner reads its own
 resident memory after importing the runtime that will run the job.
 """
@@ -24,13 +25,16 @@ MB = 1 << 20
 F32 = 4
 
 # Training (LoraGraphs: training + eval sessions over one mapping of the weights; module docstring).
-TRAIN_OVERHEAD_MB = 25.0  # two sessions, kernels, arena slack
-TRAIN_PER_LAYER_TOKEN = 9.62  # x T * layers * (hidden + intermediate) floats saved for backward
-TRAIN_ATTENTION = 1.29  # x batch * layers * heads * seq^2 floats (scores, softmax, grads)
-TRAIN_VOCAB = 3.37  # x T * vocab floats (logits etc.; exist for labelled rows only: T is the upper bound)
-RECOMPUTE_KEPT = 1.0  # x T * layers * hidden floats: each layer's input
-RECOMPUTE_LAYER_TOKEN = 20.0  # x T * (hidden + intermediate) floats: one layer's forward + backward
-RECOMPUTE_ATTENTION = 4.0  # x batch * heads * seq^2 floats: that layer's scores, probabilities, grads
+TRAIN_OVERHEAD_MB = 28.6  # two sessions, kernels, arena slack
+TRAIN_PER_LAYER_TOKEN = 5.97  # x T * layers * (hidden + intermediate) floats saved for backward
+TRAIN_ATTENTION = 1.36  # x batch * layers * heads * seq^2 floats (scores, softmax, grads)
+TRAIN_VOCAB = 3.77  # x T * vocab floats (logits etc.; exist for labelled rows only: T is the upper bound)
+# With layer recomputation (same 30 runs): each layer's input kept, one layer's activations at a time.
+RECOMPUTE_OVERHEAD_MB = 24.1
+RECOMPUTE_KEPT = 1.0  # x T * layers * hidden floats: each layer's input (fixed, not fitted)
+RECOMPUTE_LAYER_TOKEN = 12.44  # x T * (hidden + intermediate) floats: one layer's forward + backward
+RECOMPUTE_ATTENTION = 2.51  # x batch * heads * seq^2 floats: that layer's scores, probabilities, grads
+RECOMPUTE_VOCAB = 3.14
 QUANT_DEQUANT_COPIES = 2.0  # x (largest layer + lm_head) float32 weights, quantized bundles only
 # Serving (decoder session): transposed copies of linear weights are folded at session start.
 SERVE_OVERHEAD_MB = 19.0
@@ -99,13 +103,13 @@ def plan(bundle: Bundle, batch_size: int = 4, max_seq_len: int | None = None, ru
     base = runtime_baseline_mb() if runtime_mb is None else runtime_mb
     act = _train_activations_mb(shape, batch_size, seq)
     act_rc = _recompute_activations_mb(shape, batch_size, seq)
-    if quant:  # dequantized float32 weights alive during a step (measured 60-250 MB on 27-364 MB models)
+    if quant and quant.get("compute", "dequant") == "dequant":  # float32 copies alive during a step
         dequant = QUANT_DEQUANT_COPIES * _largest_dequantized_mb(bundle)
         act, act_rc = act + dequant, act_rc + dequant
     lora_state = 6 * lora  # params, gradient outputs, their sum, 2 AdamW moments, update temporaries
     # The weights are mapped once (file-backed pages, resident once read) and shared by both sessions.
     train_peak = base + TRAIN_OVERHEAD_MB + weights + lora_state + act
-    train_recompute_peak = base + TRAIN_OVERHEAD_MB + weights + lora_state + act_rc
+    train_recompute_peak = base + RECOMPUTE_OVERHEAD_MB + weights + lora_state + act_rc
     kv = SERVE_KV_COPIES * 2 * shape.layers * shape.kv_heads * shape.head_dim * seq * F32 / MB
     serve_load = base + SERVE_OVERHEAD_MB + weights + SERVE_LINEAR_COPY * (weights - embed)
     if quant and quant.get("scheme") == "int8":  # the decoder session folds int8 weights to float32
@@ -132,7 +136,7 @@ def _recompute_activations_mb(s: _Shape, batch: int, seq: int) -> float:
         RECOMPUTE_KEPT * tokens * s.layers * s.hidden
         + RECOMPUTE_LAYER_TOKEN * s.activation_factor * tokens * (s.hidden + s.intermediate)
         + RECOMPUTE_ATTENTION * batch * s.heads * seq * seq
-        + TRAIN_VOCAB * tokens * s.vocab
+        + RECOMPUTE_VOCAB * tokens * s.vocab
     )
     return floats * F32 / MB
 

@@ -51,7 +51,8 @@ class TrainConfig:
     grad_accum: int = 1
     max_seq_len: int | None = None
     seed: int = 0
-    save_every: int = 0
+    save_every: int = 0  # checkpoint every N steps (0: only by time)
+    save_minutes: float = 5.0  # and whenever this much training time passed since the last (0: off)
     resume: bool = False
     truncate: bool = False
     threads: int | None = None
@@ -137,8 +138,8 @@ def _check_config(cfg: TrainConfig) -> None:
             raise EdgeftError(f"--{name.replace('_', '-')} must be at least 1")
     if (cfg.max_steps is not None and cfg.max_steps < 1) or (cfg.epochs is not None and cfg.epochs <= 0):
         raise EdgeftError("--max-steps and --epochs must be positive")
-    if cfg.lr <= 0 or cfg.warmup_steps < 0 or cfg.save_every < 0:
-        raise EdgeftError("--lr must be positive; --warmup-steps and --save-every must not be negative")
+    if cfg.lr <= 0 or cfg.warmup_steps < 0 or cfg.save_every < 0 or cfg.save_minutes < 0:
+        raise EdgeftError("--lr must be positive; --warmup-steps, --save-every and --save-minutes must not be negative")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise EdgeftError(f"{out}: exists and is not a directory")
@@ -168,6 +169,7 @@ class _Run:
         self.optim = AdamW(tuple(opt["betas"]), opt["eps"], opt["weight_decay"], opt["max_grad_norm"])
         self.pos, self.step, self.losses, self.tokens, self.seconds = _Position(), 0, [], 0, 0.0
         self.grad_norms: list[float] = []  # pre-clip, per step (clipping engages above max_grad_norm)
+        self._saved_at = time.monotonic()
         self.fingerprint = self._fingerprint()
         self._batches: tuple[int, list[Batch]] | None = None
 
@@ -228,9 +230,17 @@ class _Run:
             self.tokens += ntok
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{self.tokens / max(self.seconds, 1e-9):.0f}", refresh=False)
-            if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.total:
+            if self._checkpoint_due() and self.step < self.total:
                 self._save_checkpoint()
+                self._saved_at = time.monotonic()
         bar.close()
+
+    def _checkpoint_due(self) -> bool:
+        """Every --save-every steps, and every --save-minutes of wall time (a device that loses power
+        loses at most that much work by default)."""
+        by_steps = self.cfg.save_every and self.step % self.cfg.save_every == 0
+        by_time = self.cfg.save_minutes and time.monotonic() - self._saved_at >= 60 * self.cfg.save_minutes
+        return bool(by_steps or by_time)
 
     def _optimizer_step(self, model: LoraGraphs) -> tuple[float, int]:
         """Gradients of the step's micro-batches summed (each weighted by the step's token count),
