@@ -13,13 +13,14 @@ class ModelFacts:
     # Activation memory kept for backward, relative to llama's layout (measured, edgeft/device/planner.py):
     # phi3's fused qkv_proj / gate_up_proj keep their split halves as extra tensors.
     train_activation_factor: float = 1.0
+    recompute_activation_factor: float = 1.0  # the same, for one layer under layer recomputation
 
 
 MODEL_TABLE: dict[str, ModelFacts] = {
     "llama": ModelFacts(("q_proj", "k_proj", "v_proj", "o_proj")),
     "mistral": ModelFacts(("q_proj", "k_proj", "v_proj", "o_proj")),
     "qwen2": ModelFacts(("q_proj", "k_proj", "v_proj", "o_proj")),
-    "phi3": ModelFacts(("qkv_proj", "o_proj"), train_activation_factor=2.88),
+    "phi3": ModelFacts(("qkv_proj", "o_proj"), train_activation_factor=1.64, recompute_activation_factor=1.32),
 }
 
 

@@ -2,11 +2,11 @@
 
 The estimate is structural (weights, LoRA and optimizer state, activations, KV cache) with
 coefficients measured on plain onnxruntime 1.32, CPU, fp32, with edgeft's training session
-options: 30 training runs over five model shapes (llama, qwen2 with tied embeddings, phi3; 27-364
-MB of weights, vocab 512-32064, batch 1-4, sequence 128-1024) fell within ±9 % of the fitted
-formula but one (+14 %: phi3 with a 32064 vocabulary at batch 1 x 128, whose embedding rows are
-mostly never read, so never resident); the same 30 with layer recomputation within ±8 % but that
-one (+14 %); 6 serving runs within ±16 %.
+options: training runs over six model shapes (llama, qwen2 with tied embeddings, phi3; 27-364
+MB of weights, vocab 512-32064, batch 1-4, sequence 128-1024; 36 runs) fell within ±9 % of the
+fitted formula but one (+11 %: phi3 with a 32064 vocabulary at batch 1 x 128, whose embedding
+rows are mostly never read, so never resident); the same 36 with layer recomputation within ±9 %
+but that one (+13 %); 6 serving runs within ±16 %.
 The interpreter and runtime libraries are measured, not assumed: the planner reads its own
 resident memory after importing the runtime that will run the job.
 """
@@ -25,16 +25,16 @@ MB = 1 << 20
 F32 = 4
 
 # Training (LoraGraphs: training + eval sessions over one mapping of the weights; module docstring).
-TRAIN_OVERHEAD_MB = 28.6  # two sessions, kernels, arena slack
-TRAIN_PER_LAYER_TOKEN = 5.97  # x T * layers * (hidden + intermediate) floats saved for backward
+TRAIN_OVERHEAD_MB = 19.9  # two sessions, kernels, arena slack
+TRAIN_PER_LAYER_TOKEN = 6.00  # x T * layers * (hidden + intermediate) floats saved for backward
 TRAIN_ATTENTION = 1.36  # x batch * layers * heads * seq^2 floats (scores, softmax, grads)
-TRAIN_VOCAB = 3.77  # x T * vocab floats (logits etc.; exist for labelled rows only: T is the upper bound)
+TRAIN_VOCAB = 4.12  # x T * vocab floats (logits etc.; exist for labelled rows only: T is the upper bound)
 # With layer recomputation (same 30 runs): each layer's input kept, one layer's activations at a time.
-RECOMPUTE_OVERHEAD_MB = 24.1
+RECOMPUTE_OVERHEAD_MB = 20.3
 RECOMPUTE_KEPT = 1.0  # x T * layers * hidden floats: each layer's input (fixed, not fitted)
-RECOMPUTE_LAYER_TOKEN = 12.44  # x T * (hidden + intermediate) floats: one layer's forward + backward
-RECOMPUTE_ATTENTION = 2.51  # x batch * heads * seq^2 floats: that layer's scores, probabilities, grads
-RECOMPUTE_VOCAB = 3.14
+RECOMPUTE_LAYER_TOKEN = 12.31  # x T * (hidden + intermediate) floats: one layer's forward + backward
+RECOMPUTE_ATTENTION = 2.50  # x batch * heads * seq^2 floats: that layer's scores, probabilities, grads
+RECOMPUTE_VOCAB = 3.35
 QUANT_DEQUANT_COPIES = 2.0  # x (largest layer + lm_head) float32 weights, quantized bundles only
 # Serving (decoder session): transposed copies of linear weights are folded at session start.
 SERVE_OVERHEAD_MB = 19.0
@@ -71,11 +71,13 @@ class _Shape:
     head_dim: int
     vocab: int
     activation_factor: float  # per model type, edgeft/models.py
+    recompute_factor: float
 
     @classmethod
     def of(cls, bundle: Bundle) -> _Shape:
         c = json.loads(bundle.path("config.json").read_text())
         heads = c["num_attention_heads"]
+        facts = MODEL_TABLE.get(c.get("model_type"))
         return cls(
             c["hidden_size"],
             c.get("intermediate_size", 4 * c["hidden_size"]),
@@ -84,7 +86,8 @@ class _Shape:
             c.get("num_key_value_heads") or heads,
             c.get("head_dim") or c["hidden_size"] // heads,
             c["vocab_size"],
-            MODEL_TABLE[c["model_type"]].train_activation_factor if c.get("model_type") in MODEL_TABLE else 1.0,
+            facts.train_activation_factor if facts else 1.0,
+            facts.recompute_activation_factor if facts else 1.0,
         )
 
 
@@ -134,7 +137,7 @@ def _recompute_activations_mb(s: _Shape, batch: int, seq: int) -> float:
     tokens = batch * seq
     floats = (
         RECOMPUTE_KEPT * tokens * s.layers * s.hidden
-        + RECOMPUTE_LAYER_TOKEN * s.activation_factor * tokens * (s.hidden + s.intermediate)
+        + RECOMPUTE_LAYER_TOKEN * s.recompute_factor * tokens * (s.hidden + s.intermediate)
         + RECOMPUTE_ATTENTION * batch * s.heads * seq * seq
         + RECOMPUTE_VOCAB * tokens * s.vocab
     )

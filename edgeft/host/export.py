@@ -386,18 +386,21 @@ def _file_keys(keys: dict[str, str], frozen: list[str], quant: dict) -> dict[str
 
 
 def _write_weights(path: Path, params: dict, file_keys: dict[str, str], quant: dict) -> dict[str, tuple[int, int]]:
-    """weights.safetensors: frozen float32 weights and quantized data + scales, each once."""
+    """weights.safetensors: frozen float32 weights and quantized data + scales, each once; the
+    quantized codes are computed tensor by tensor as the file is written."""
     from edgeft.host.weights import write_safetensors
 
-    arrays = {}
+    specs, produce = [], {}
     for qt in quant.values():
-        arrays[qt.key], arrays[qt.scales_key] = qt.data, qt.scales
-        if qt.data_t is not None:
-            arrays.update(zip(qt.transposed.values(), (qt.data_t, qt.scales_t), strict=True))
+        for key, shape, dtype, fn in qt.file_tensors():
+            specs.append((key, shape, dtype))
+            produce[key] = fn
+    quantized_keys = set(produce)
     for name, key in file_keys.items():
-        arrays.setdefault(key, params.get(name))
-    specs = [(k, a.shape, a.dtype) for k, a in arrays.items()]
-    return write_safetensors(path, specs, arrays.__getitem__)
+        if key not in quantized_keys and key not in produce:
+            specs.append((key, params[name].shape, params[name].dtype))
+            produce[key] = lambda name=name: params[name]
+    return write_safetensors(path, specs, lambda key: produce[key]())
 
 
 def _write_init_adapter(peft_model, lora_cfg, lora: dict, keys: dict, path: Path) -> None:
@@ -488,7 +491,7 @@ def _add_quantization(manifest: dict, cfg: ExportConfig, quant: dict) -> None:
                     "data_input": qt.data_input,
                     "scales_input": qt.scales_input,
                     "scales_key": qt.scales_key,
-                    **({"transposed": qt.transposed} if qt.data_t is not None else {}),
+                    **({"transposed": qt.transposed} if qt.has_transposed else {}),
                 },
             }
         )

@@ -25,7 +25,7 @@ def low_precision_matmuls(graph, quant: dict[str, QuantTensor], accuracy_level: 
     uses = consumers(graph)
     replaced: dict[int, list] = {}  # id(node) -> the nodes that take its place
     for qt in quant.values():
-        if qt.data_t is None:
+        if not qt.has_transposed:
             continue
         flat = None
         for node, a, transposed, alpha in list(_products(qt.name, uses)):
@@ -38,7 +38,7 @@ def low_precision_matmuls(graph, quant: dict[str, QuantTensor], accuracy_level: 
                     flat = b.op("Reshape", [qt.scales_input, b.const([-1], np.int64)])
                 data, scales, k, n = qt.data_input, flat, qt.shape[1], qt.shape[0]
             out = node.output[0] if alpha == 1.0 else b.name("y")
-            attrs = dict(K=k, N=n, bits=4, block_size=qt.data.shape[2] * 2, accuracy_level=accuracy_level)
+            attrs = dict(K=k, N=n, bits=4, block_size=qt.block_size, accuracy_level=accuracy_level)
             b.op("MatMulNBits", [a, data, scales], [out], domain="com.microsoft", **attrs)
             if alpha != 1.0:
                 b.op("Mul", [out, b.const(alpha, np.float32)], [node.output[0]])
@@ -58,8 +58,9 @@ def _declare_transposed(graph, qt: QuantTensor) -> tuple[str, str]:
 
     data, scales = qt.transposed
     if data not in {i.name for i in graph.input}:
-        graph.input.append(helper.make_tensor_value_info(data, TensorProto.UINT8, list(qt.data_t.shape)))
-        graph.input.append(helper.make_tensor_value_info(scales, TensorProto.FLOAT, list(qt.scales_t.shape)))
+        data_shape, scales_shape = qt.transposed_shapes
+        graph.input.append(helper.make_tensor_value_info(data, TensorProto.UINT8, list(data_shape)))
+        graph.input.append(helper.make_tensor_value_info(scales, TensorProto.FLOAT, list(scales_shape)))
     return data, scales
 
 

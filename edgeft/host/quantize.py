@@ -24,7 +24,7 @@ initializers pointing into ``weights.safetensors`` (ONNX external data), dequant
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -41,17 +41,49 @@ SCALES_KEY_SUFFIX = ".scales"  # weights.safetensors key of the scales: <HF key>
 
 @dataclass
 class QuantTensor:
+    """A frozen weight to store quantized. The codes are computed only when the weights file is
+    written (``quantize``), one tensor at a time: an export never holds the whole model twice."""
+
     name: str  # ONNX name of the float weight the graph used
     key: str  # HF key: weights.safetensors key of the quantized data
-    shape: tuple[int, int]  # the float weight's [N, K]
-    data: np.ndarray
-    scales: np.ndarray
+    weight: np.ndarray = field(repr=False)  # the float weight [N, K] (a view of the model's tensor)
+    scheme: str  # "int8" | "int4"
+    block_size: int
     gather: bool  # consumed by Gather (embedding): dequantize the gathered rows only
     linear: bool = True  # consumed by linear ops (tied embeddings are both)
     # int4 low-precision training (edgeft/host/lowprec.py): W^T quantized on its own, [K, n_blocks, bs/2]
     # with flat scales [K * n_blocks], for the backward's dX = dY W
-    data_t: np.ndarray | None = None
-    scales_t: np.ndarray | None = None
+    has_transposed: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+    @property
+    def dtype(self):
+        return np.dtype(np.int8 if self.scheme == "int8" else np.uint8)
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        n, k = self.shape
+        return (n, k) if self.scheme == "int8" else (n, math.ceil(k / self.block_size), self.block_size // 2)
+
+    @property
+    def scales_shape(self) -> tuple[int, int]:
+        return (self.shape[0], 1) if self.scheme == "int8" else self.data_shape[:2]
+
+    def quantize(self) -> tuple[np.ndarray, np.ndarray]:
+        return quantize_int8(self.weight) if self.scheme == "int8" else quantize_int4(self.weight, self.block_size)
+
+    def quantize_transposed(self) -> tuple[np.ndarray, np.ndarray]:
+        data, scales = quantize_int4(np.ascontiguousarray(self.weight.T), self.block_size)
+        return data, scales.reshape(-1)
+
+    @property
+    def transposed_shapes(self) -> tuple[tuple[int, ...], tuple[int]]:
+        n, k = self.shape
+        blocks = math.ceil(n / self.block_size)
+        return (k, blocks, self.block_size // 2), (k * blocks,)
 
     @property
     def data_input(self) -> str:
@@ -68,9 +100,29 @@ class QuantTensor:
     @property
     def transposed(self) -> dict[str, str]:
         """Graph name -> file key of the transposed layout's data and scales (when it exists)."""
-        if self.data_t is None:
+        if not self.has_transposed:
             return {}
         return {self.name + ".qdata_t": self.key + ".t", self.name + ".qscales_t": self.key + ".t.scales"}
+
+    def file_tensors(self) -> list[tuple[str, tuple[int, ...], np.dtype, object]]:
+        """(key, shape, dtype, produce()) of the tensors this weight stores, in file order: each
+        layout's data then its scales, the codes computed once when the data's turn comes."""
+        out = []
+        layouts = [(self.key, self.scales_key, self.data_shape, self.dtype, self.scales_shape, self.quantize)]
+        if self.has_transposed:
+            data_key, scales_key = self.transposed.values()
+            t_data, t_scales = self.transposed_shapes
+            layouts.append((data_key, scales_key, t_data, np.dtype(np.uint8), t_scales, self.quantize_transposed))
+        for data_key, scales_key, data_shape, dtype, scales_shape, quantize in layouts:
+            pending: dict = {}
+
+            def data(quantize=quantize, pending=pending):
+                codes, pending["scales"] = quantize()
+                return codes
+
+            out.append((data_key, data_shape, dtype, data))
+            out.append((scales_key, scales_shape, np.dtype(np.float32), lambda pending=pending: pending.pop("scales")))
+        return out
 
 
 def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -117,12 +169,9 @@ def select_and_quantize(
         ops = op_types.get(name, set())
         if w.ndim != 2 or not ops or not ops <= LINEAR_OPS | {"Gather"}:
             continue
-        data, scales = quantize_int8(w) if scheme == "int8" else quantize_int4(w, block_size)
-        qt = QuantTensor(name, keys[name], tuple(w.shape), data, scales, "Gather" in ops, bool(ops - {"Gather"}))
-        if transposed and scheme == "int4" and qt.linear:
-            qt.data_t, scales_t = quantize_int4(np.ascontiguousarray(w.T), block_size)
-            qt.scales_t = scales_t.reshape(-1)
-        out[name] = qt
+        linear = bool(ops - {"Gather"})
+        low = transposed and scheme == "int4" and linear
+        out[name] = QuantTensor(name, keys[name], w, scheme, block_size, "Gather" in ops, linear, low)
     return out
 
 
@@ -137,7 +186,7 @@ def rewrite_graph(
     from onnx import TensorProto, helper, numpy_helper
 
     wanted = {np.dtype(np.uint8): matmul_nbits, np.dtype(np.int8): matmul_integer}
-    nbits = {n for n in _use_matmul_nbits(graph, quant) if wanted[quant[n].data.dtype]}
+    nbits = {n for n in _use_matmul_nbits(graph, quant) if wanted[quant[n].dtype]}
     names = set(quant)
     kept = [i for i in graph.initializer if i.name not in names]
     del graph.initializer[:]
@@ -147,10 +196,11 @@ def rewrite_graph(
     graph.input.extend(inputs)
     new_nodes, consts = [], []
     for qt in quant.values():
-        dtype = TensorProto.INT8 if qt.data.dtype == np.int8 else TensorProto.UINT8
+        dtype = TensorProto.INT8 if qt.scheme == "int8" else TensorProto.UINT8
+        scales = qt.scales_shape
         for name, elem, shape in (
-            (qt.data_input, dtype, qt.data.shape),
-            (qt.scales_input, TensorProto.FLOAT, (qt.scales.size,) if qt.name in nbits else qt.scales.shape),
+            (qt.data_input, dtype, qt.data_shape),
+            (qt.scales_input, TensorProto.FLOAT, (math.prod(scales),) if qt.name in nbits else scales),
         ):
             if as_inputs:
                 graph.input.append(helper.make_tensor_value_info(name, elem, list(shape)))
@@ -175,7 +225,7 @@ def rewrite_graph(
             gd, gs = f"{tag}/qdata", f"{tag}/qscales"
             scales = qt.scales_input
             if qt.name in nbits:  # a tied embedding: its scales are declared flat for MatMulNBits/MatMulInteger
-                shape = numpy_helper.from_array(np.array(qt.scales.shape, np.int64), f"{tag}/scales_shape")
+                shape = numpy_helper.from_array(np.array(qt.scales_shape, np.int64), f"{tag}/scales_shape")
                 consts.append(shape)
                 scales = f"{tag}/scales_rows"
                 body.append(helper.make_node("Reshape", [qt.scales_input, shape.name], [scales], name=scales))
@@ -237,7 +287,7 @@ def _to_matmul_nbits(nodes: list, quant: dict[str, QuantTensor]) -> list:
             out.append(node)
             continue
         n, k = qt.shape
-        if qt.data.dtype == np.int8:  # DynamicQuantizeLinear(x) + MatMulInteger + rescale
+        if qt.scheme == "int8":  # DynamicQuantizeLinear(x) + MatMulInteger + rescale
             p = f"{node.name or node.output[0]}/int8"
             out += [
                 helper.make_node(
@@ -250,7 +300,7 @@ def _to_matmul_nbits(nodes: list, quant: dict[str, QuantTensor]) -> list:
                 helper.make_node("Mul", [f"{p}/y1", qt.scales_input], list(node.output), name=f"{p}/ws"),
             ]
             continue
-        block = qt.data.shape[2] * 2
+        block = qt.block_size
         out.append(
             helper.make_node(
                 "MatMulNBits",
@@ -289,11 +339,11 @@ def _dequant(qt: QuantTensor, data: str, scales: str, out: str, lead: int, tag: 
         consts.append(t)
         return t.name
 
-    if qt.data.dtype == np.int8:
+    if qt.scheme == "int8":
         cast = helper.make_node("Cast", [data], [f"{p}/f"], to=TensorProto.FLOAT, name=f"{p}/cast")
         return [cast, helper.make_node("Mul", [f"{p}/f", scales], [out], name=f"{p}/mul")], consts
     k = qt.shape[1]
-    blocks, half = qt.data.shape[1], qt.data.shape[2]
+    blocks, half = qt.data_shape[1], qt.data_shape[2]
     # Nibbles are split on uint8 (BitShift), so only the last three tensors are float32.
     four = const("c4", np.uint8(4))
     nodes = [
@@ -367,7 +417,7 @@ def recompute_in_backward(graph, quant: dict[str, QuantTensor]) -> int:
                 # A distinct first node, so that common-subexpression elimination cannot merge the
                 # clone with the forward chain: int8 casts via int32, int4 shifts by 0 first.
                 head = f"{tag}/head"
-                if qt.data.dtype == np.int8:
+                if qt.scheme == "int8":
                     nodes = [helper.make_node("Cast", [qt.data_input], [head], to=TensorProto.INT32, name=head)]
                 else:
                     zero = f"{tag}/zero"

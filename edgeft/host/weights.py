@@ -28,10 +28,15 @@ def write_safetensors(
     path: Path, specs: Iterable[tuple[str, tuple[int, ...], np.dtype]], produce: Callable[[str], np.ndarray]
 ) -> dict[str, tuple[int, int]]:
     """Write tensors ``specs`` = [(key, shape, dtype)] to ``path``, asking ``produce(key)`` for each
-    array only when its turn comes (so a caller can quantize or convert one tensor at a time).
-    Wider dtypes go first so every float32 tensor stays 4-byte aligned in the file. Returns
-    {key: (absolute offset, length)} for ONNX external data."""
-    specs = sorted(specs, key=lambda s: -np.dtype(s[2]).itemsize)
+    array only when its turn comes, in the order given (so a caller can quantize or convert one
+    tensor at a time). Tensors whose size is not a multiple of 8 bytes move to the end so every
+    other tensor stays 8-byte aligned in the file. Returns {key: (absolute offset, length)} for
+    ONNX external data."""
+    specs = list(specs)
+    nbytes = [int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize for _, shape, dtype in specs]
+    specs = [s for s, n in zip(specs, nbytes, strict=True) if n % 8 == 0] + [
+        s for s, n in zip(specs, nbytes, strict=True) if n % 8
+    ]
     header, offset = {}, 0
     for key, shape, dtype in specs:
         size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
