@@ -98,9 +98,21 @@ TRUSTED_KEY = click.option(
     callback=lambda ctx, param, value: int(value),
     help="Block size along the input dimension for --quantize int4.",
 )
+@click.option(
+    "--task",
+    type=click.Choice(["causal-lm", "seq-cls", "token-cls"]),
+    default="causal-lm",
+    show_default=True,
+    help="What the model learns: next tokens, one label per text (seq-cls) or one label per word (token-cls).",
+)
+@click.option(
+    "--labels",
+    callback=_csv,
+    help="Comma-separated class names for seq-cls / token-cls, in class-id order (token-cls: e.g. O,B-PART,I-PART).",
+)
 @PROFILE
 def export(profile, max_seq_len, quantize, **options):
-    """(host) Export MODEL_DIR (a Hugging Face causal LM) to a training bundle."""
+    """(host) Export MODEL_DIR (a Hugging Face causal LM, or a classifier with --task) to a training bundle."""
     from edgeft.host.export import ExportConfig, export_bundle
     from edgeft.profiles import load_profile
 
