@@ -50,11 +50,18 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 
 def mean_loss(
-    model: LoraGraphs, lora: dict[str, np.ndarray], examples: list[Example], batch_size: int, pad_token_id: int
+    model: LoraGraphs,
+    lora: dict[str, np.ndarray],
+    examples: list[Example],
+    batch_size: int,
+    pad_token_id: int,
+    collate=None,
 ) -> tuple[float, int]:
-    """Token-weighted mean loss: each batch returns its summed loss (denominator 1)."""
+    """Token-weighted mean loss (per labelled item for classification): each batch returns its
+    summed loss (denominator 1). ``collate``: the bundle task's batch maker (default causal-lm)."""
     total, tokens = 0.0, 0
-    for batch in make_batches(examples, batch_size, pad_token_id, seed=0, epoch=0):
+    extra = {"collate": collate} if collate is not None else {}
+    for batch in make_batches(examples, batch_size, pad_token_id, seed=0, epoch=0, **extra):
         total += model.loss(lora, batch, 1.0)
         tokens += batch.num_loss_tokens
     return total / tokens, tokens
