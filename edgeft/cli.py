@@ -174,10 +174,30 @@ def train(no_progress, **options):
 @PROFILE
 @TRUSTED_KEY
 def eval_(**options):
-    """(device) Print {"loss", "perplexity"} of the bundle on DATA."""
+    """(device) Print {"loss", "perplexity"} of the bundle on DATA (classifiers: accuracy and macro-F1,
+    or entity-level precision/recall/F1)."""
     from edgeft.device.evaluate import EvalConfig, evaluate
 
     click.echo(json.dumps(evaluate(EvalConfig(**options))))
+
+
+@main.command()
+@click.argument("bundle", type=PathArg)
+@click.option("--text", multiple=True, help="A text to classify (repeatable).")
+@click.option("--data", type=PathArg, help='JSON Lines: {"text": ...} (token-cls also {"tokens": [...]}).')
+@click.option("--adapter", type=PathArg, help="A PEFT LoRA adapter directory (default: the bundle's initial one).")
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--max-seq-len", type=int)
+@click.option("--truncate", is_flag=True, help="Cut over-long texts instead of refusing them.")
+@click.option("--threads", type=int)
+@PROFILE
+@TRUSTED_KEY
+def predict(text, **options):
+    """(device) Print one JSON line per input: label and probabilities (seq-cls), or entities with spans (token-cls)."""
+    from edgeft.device.classify import PredictConfig
+    from edgeft.device.classify import predict as run_predict
+
+    run_predict(PredictConfig(text=list(text), **options))
 
 
 @main.command()
@@ -245,7 +265,7 @@ def merge(bundle, adapter, out, overwrite, trusted_key):
 @TRUSTED_KEY
 @PROFILE
 def serve(adapter_specs, **options):
-    """(device) Serve the bundle and its adapters over an OpenAI-compatible HTTP API."""
+    """(device) Serve the bundle and its adapters over an OpenAI-compatible HTTP API (classifiers: POST /v1/classify)."""
     from edgeft.device.server import ServeConfig
     from edgeft.device.server import serve as run_server
 
