@@ -350,8 +350,8 @@ def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out:
     _write_init_adapter(peft_model, lora_cfg, {n: params[n] for n in trainable}, keys, out / "adapter")
     _copy_tokenizer(Path(cfg.model_dir), out)
     if task.is_classification:  # the labels and pad id go with the model, as transformers saves them
-        config = peft_model.base_model.model.config
-        atomic_write_json(out / "config.json", {**hf_config, **_head_fields(config)})
+        model = peft_model.base_model.model
+        atomic_write_json(out / "config.json", {**hf_config, **_head_fields(model)})
     manifest = _manifest(cfg, lora_cfg, hf_config, keys, params, frozen, trainable, graphs, quant, out)
     manifest["lora"]["scaling"] = dict(sorted(lora_scaling(peft_model).items()))
     atomic_write_json(out / MANIFEST, manifest)
@@ -365,8 +365,13 @@ def _task_loss_module(peft_model, task: Task, model_type: str, window: int | Non
     return classification_loss_module(peft_model, task, model_type, window)
 
 
-def _head_fields(config) -> dict:
-    fields = {"id2label": {str(k): v for k, v in config.id2label.items()}, "label2id": dict(config.label2id)}
+def _head_fields(model) -> dict:
+    config = model.config
+    fields = {
+        "architectures": [type(model).__name__],  # e.g. BertForSequenceClassification
+        "id2label": {str(k): v for k, v in config.id2label.items()},
+        "label2id": dict(config.label2id),
+    }
     if config.pad_token_id is not None:
         fields["pad_token_id"] = config.pad_token_id
     return fields

@@ -21,10 +21,15 @@ def load_model(model_dir: Path, task: Task, hf_config: dict, pad_token_id: int |
     import transformers
 
     auto = getattr(transformers, AUTO_CLASS[task.type])
-    options = {}
-    if task.is_classification:
+    if not task.is_classification:
+        return auto.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "newly initialized: classifier.weight": the head is new
+    try:
         options = head_config(task, hf_config, pad_token_id)
-    return auto.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager", **options)
+        return auto.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager", **options)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
 
 def head_config(task: Task, hf_config: dict, pad_token_id: int | None) -> dict:
