@@ -10,6 +10,7 @@ scikit-learn's and seqeval's on hand-made cases. The MiniLM bundles are exported
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -433,3 +434,169 @@ def test_serve_classify_endpoint(factory, trained):
     with TestClient(create_app(TextGenerator(factory.bundle("llama")))) as client:
         reply = client.post("/v1/classify", json={"model": "base", "input": "x"})
         assert reply.status_code == 400 and "--task seq-cls" in reply.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch-free device venvs: newest onnxruntime and 1.20
+
+DEVICE_VENVS = {"newest": os.environ.get("EDGEFT_DEVICE_VENV"), "1.20": os.environ.get("EDGEFT_OLD_DEVICE_VENV")}
+DEVICE_PROBE = """
+import json, sys
+import numpy as np
+import onnxruntime
+from edgeft.bundle import Bundle
+from edgeft.cli import main
+from edgeft.device.adapter import load_adapter
+from edgeft.device.data import make_batches
+from edgeft.device.labelled import collate_for, examples_for
+from edgeft.device.runtime import LoraGraphs
+from edgeft.device.tokenizer import BundleTokenizer
+from edgeft.tasks import Task
+
+results = {"version": onnxruntime.__version__}
+arrays = {}
+for task, path, adapter, data in json.loads(sys.argv[1]):
+    bundle = Bundle.open(path)
+    t, tok = Task.of(bundle.manifest), BundleTokenizer.from_dir(bundle.root)
+    batch = make_batches(examples_for(t, data, tok, 64)[:6], 3, tok.pad_token_id, 0, 0, collate_for(t))[0]
+    lora = load_adapter(adapter, bundle)
+    graphs = LoraGraphs(bundle)
+    loss, logits = graphs.loss_and_logits(lora, batch, 1.0, len(t.labels))
+    train_loss, grads = graphs.loss_and_grads(lora, batch, 1.0)
+    results[task] = {"loss": loss, "train_loss": train_loss}
+    arrays.update({f"{task}.logits": logits, **{f"{task}.grad.{k}": v for k, v in grads.items()}})
+np.savez(sys.argv[2], **arrays)
+main(["predict", path, "--adapter", adapter, "--text", "Send QX-7001 to Cedar Falls ."], standalone_mode=False)
+banned = [m for m in ("torch", "transformers", "peft", "optimum") if m in sys.modules]
+print(json.dumps({**results, "banned_imported": banned}))
+"""
+
+
+@pytest.mark.skipif(not all(DEVICE_VENVS.values()), reason="EDGEFT_DEVICE_VENV / EDGEFT_OLD_DEVICE_VENV not set")
+def test_same_results_on_the_device_venvs(factory, trained, tmp_path):
+    """The lowered BERT graphs (LayerNorm, GELU, tanh, GatherGrad on axis 1...) on plain onnxruntime
+    1.20 and the newest, torch-free: the same loss, logits and gradients as the host's 1.19
+    training build (≤ 1e-5 relative), and predict runs without importing the host stack."""
+    import subprocess
+    import sys
+
+    cases = [
+        (task, str(factory.classifier(task)), str(trained[task] / "adapter"), str(DATA / DATASETS[task][1]))
+        for task in TASKS
+    ]
+    runs = {}
+    for name, python in {"host": sys.executable, **{k: f"{v}/bin/python" for k, v in DEVICE_VENVS.items()}}.items():
+        out = tmp_path / f"{name}.npz"
+        run = subprocess.run([python, "-c", DEVICE_PROBE, json.dumps(cases), str(out)], capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        lines = run.stdout.strip().splitlines()
+        assert json.loads(lines[-2])["entities"], lines  # predict's output line
+        runs[name] = json.loads(lines[-1]), dict(np.load(out))
+    assert runs["1.20"][0]["version"].startswith("1.20.") and runs["host"][0]["version"].startswith("1.19")
+    ref, ref_arrays = runs["host"]
+    for name, (result, arrays) in runs.items():
+        if name != "host":
+            assert result["banned_imported"] == [], name
+        for task in TASKS:
+            assert result[task]["loss"] == pytest.approx(ref[task]["loss"], rel=1e-5), (name, task)
+            assert result[task]["train_loss"] == pytest.approx(ref[task]["train_loss"], rel=1e-5), (name, task)
+        assert set(arrays) == set(ref_arrays)
+        for key, want in ref_arrays.items():
+            assert max_relative_error(arrays[key], want) <= 1e-5, (name, key)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs: one line naming the file, line or field; exit code 2; nothing written
+
+
+def _lines(tmp: Path, *records) -> Path:
+    path = tmp / "data.jsonl"
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+GOOD_INTENT = {"text": "restart the pump at old mill", "label": "restart"}
+GOOD_TAGS = {"tokens": ["Replace", "AX-220"], "tags": ["O", "B-PART"]}
+BAD_DATA = {
+    "unknown-label": ("seq-cls", [GOOD_INTENT, {"text": "sound the alarm", "label": "alarm"}],
+                      [":2:", "'label' 'alarm' is not one of the bundle's labels"]),
+    "empty-text": ("seq-cls", [{"text": "", "label": "restart"}], [":1:", "'text' is empty"]),
+    "blank-text": ("seq-cls", [GOOD_INTENT, {"text": "   ", "label": "restart"}], [":2:", "only whitespace"]),
+    "no-label": ("seq-cls", [{"text": "restart it"}], [":1:", "no 'label'"]),
+    "label-not-string": ("seq-cls", [{"text": "restart it", "label": 1}], [":1:", "'label' must be a string"]),
+    "causal-sample": ("seq-cls", [{"prompt": "a", "completion": "b"}], [":1:", "no 'text'"]),
+    "tags-length": ("token-cls", [GOOD_TAGS, {"tokens": ["a", "b", "c"], "tags": ["O", "O"]}],
+                    [":2:", "'tags' must be a list as long as 'tokens' (3 words), got 2"]),
+    "unknown-tag": ("token-cls", [{"tokens": ["a", "b"], "tags": ["O", "B-ORG"]}],
+                    [":1:", "tags[1] 'B-ORG' is not one of the bundle's labels"]),
+    "empty-tokens": ("token-cls", [{"tokens": [], "tags": []}], [":1:", "'tokens' must be a non-empty list"]),
+    "blank-token": ("token-cls", [{"tokens": ["a", " "], "tags": ["O", "O"]}], [":1:", "tokens[1] must be a non-empty"]),
+    "no-tags": ("token-cls", [{"tokens": ["a"]}], [":1:", "no 'tags'"]),
+    "text-for-tagger": ("token-cls", [{"text": "a b", "label": "O"}], [":1:", "no 'tokens'"]),
+    "too-long": ("seq-cls", [{"text": "w " * 100, "label": "status"}], [":1:", "longer than the limit of 64"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_DATA))
+def test_bad_training_data_is_refused(factory, tmp_path, case):
+    from test_cli_errors import assert_refused, snapshot
+
+    task, records, expect = BAD_DATA[case]
+    bundle, data, out = factory.classifier(task), _lines(tmp_path, *records), tmp_path / "run"
+    before = {str(p): snapshot(p) for p in (bundle, tmp_path)}
+    result = CliRunner().invoke(main, ["train", str(bundle), "--data", str(data), "--out", str(out)])
+    assert_refused(result, [str(data), *expect], out, False, [bundle, tmp_path], before)
+
+
+def test_bad_commands_are_refused(factory, tmp_path):
+    """Wrong task for the command, bad export options, adapters that do not fit."""
+    from safetensors.numpy import load_file, save_file
+    from test_cli_errors import assert_refused, snapshot
+
+    seq, tok, llama = factory.classifier("seq-cls"), factory.classifier("token-cls"), factory.bundle("llama")
+    no_head = tmp_path / "no-head"
+    no_head.mkdir()
+    (no_head / "adapter_config.json").write_bytes((seq / "adapter" / "adapter_config.json").read_bytes())
+    tensors = load_file(str(seq / "adapter" / "adapter_model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if "classifier" not in k}, str(no_head / "adapter_model.safetensors"))
+    data = _lines(tmp_path, GOOD_INTENT)
+    model = factory.model("llama")
+    cases = [
+        (["predict", seq, "--text", "a", "--data", data], ["give --text or --data"]),
+        (["predict", seq], ["give --text or --data"]),
+        (["predict", seq, "--text", " "], ["--text #1", "the text is empty"]),
+        (["predict", llama, "--text", "hello"], ["needs a seq-cls or token-cls bundle", "causal-lm"]),
+        (["generate", seq, "--prompt", "hello"], ["text generation needs a causal-lm bundle", "seq-cls"]),
+        (["merge", tok, "--adapter", tok / "adapter", "--out", tmp_path / "m"], ["edgeft merge needs a causal-lm"]),
+        (["eval", seq, "--data", data, "--adapter", no_head], ["no classification head", "classifier.weight"]),
+        (["eval", tok, "--data", data, "--adapter", seq / "adapter"], ["classification head", "expects [5, 384]"]),
+        (["export", model, "--out", tmp_path / "b", "--task", "seq-cls"], ["--labels"]),
+        (["export", model, "--out", tmp_path / "b", "--task", "seq-cls", "--labels", "a,b,a"], ["'a' is given twice"]),
+        (["export", model, "--out", tmp_path / "b", "--labels", "a,b"], ["--labels is for --task"]),
+        (["export", model, "--out", tmp_path / "b", "--task", "token-cls", "--labels", "O,B-X"],
+         ["--task token-cls is not supported for model_type 'llama'"]),
+        (["export", minilm_dir(), "--out", tmp_path / "b"], ["--task causal-lm is not supported", "'bert'"]),
+    ]  # fmt: skip
+    watched = [seq, tok, llama, tmp_path]
+    for args, expect in cases:
+        before = {str(p): snapshot(p) for p in watched}
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        out = Path(args[args.index("--out") + 1]) if "--out" in args else None
+        assert_refused(result, expect, out, False, watched, before)
+
+
+def test_unknown_task_asks_for_an_upgrade(factory, tmp_path):
+    import shutil
+
+    from test_cli_errors import assert_refused, snapshot
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(factory.classifier("seq-cls"), bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["task"]["type"] = "summarize"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    data = _lines(tmp_path, GOOD_INTENT)
+    before = {str(tmp_path): snapshot(tmp_path)}
+    result = CliRunner().invoke(main, ["eval", str(bundle), "--data", str(data)])
+    assert_refused(result, ["'summarize' is not supported by this edgeft", "upgrade"], None, False, [tmp_path], before)
