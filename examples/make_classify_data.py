@@ -5,7 +5,7 @@
   so accuracy there measures more than memorised sentences.
 - ``tags-{train,eval}.jsonl``: crew notes with part numbers and place names tagged word by word,
   ``{"tokens": [...], "tags": [...]}`` in the BIO scheme (``O``, ``B-PART``, ``I-PART``, ``B-LOC``,
-  ``I-LOC``). The eval set uses part numbers and places never seen in training.
+  ``I-LOC``). The eval set uses part numbers and place names never seen in training.
 
 Words are split as ``edgeft predict --text`` splits them (``edgeft.device.classify.split_words``).
 """
@@ -94,11 +94,18 @@ INTENTS: dict[str, tuple[list[str], list[str]]] = {
     ),
 }
 
-# Tagging: part numbers and places. The eval set draws from the *_NEW lists only.
-PART_NUMBERS = ["AX-220", "PV-1040", "FL-33", "KT-7", "BX-900", "MC-12", "RL-450", "ZN-81", "TP-3300", "HV-27"]
-PART_NUMBERS_NEW = ["QX-610", "DL-88", "WS-2040", "GT-19"]
-PLACES = ["North Ridge", "River Bend", "Old Mill", "Harbor Gate", "Pine Hill", "Salt Flats", "East Quarry", "Dover"]
-PLACES_NEW = ["Cedar Falls", "Stone Creek", "Marlow", "West Bay Depot"]
+# Tagging: part numbers and places. Training and eval draw from disjoint names (eval places use
+# words never seen in training), so the tagger must learn the contexts and shapes, not the names.
+PLACE_WORDS = (
+    ["North", "South", "Old", "Upper", "Red", "Pine", "Iron", "Salt", "Long", "Maple", "Fox", "Birch"],
+    ["Ridge", "Bend", "Mill", "Gate", "Hill", "Flats", "Quarry", "Point", "Valley", "Crossing", "Field"],
+    ["Dover", "Ashby", "Kendal", "Thornton", "Rowley", "Hatfield"],
+)
+PLACE_WORDS_NEW = (
+    ["West", "Cedar", "Stone", "Green", "Silver"],
+    ["Creek", "Falls", "Bay", "Harbor", "Depot"],
+    ["Marlow", "Brixham", "Alston"],
+)
 TAG_TEMPLATES = [
     "Replace {part} at {place} .",
     "Ship two {part} to {place} today .",
@@ -112,7 +119,22 @@ TAG_TEMPLATES = [
     "{place} reports that {part} is leaking .",
     "Send {part} to {place} and {place2} before Friday .",
     "The {part} at {place} was swapped for a {part2} .",
+    "Road to {place} is closed , deliver {part} via {place2} .",
+    "Technician left {place} after fitting {part} .",
+    "Please return the old {part} from {place} to the depot .",
+    "Stock at {place} : three {part} , one {part2} .",
+    "Visit {place} on Monday and bring {part} .",
+    "Alarm from {place} , probably the {part} again .",
 ]
+
+
+def place_name(rng: random.Random, words: tuple[list[str], list[str], list[str]]) -> str:
+    first, second, single = words
+    return rng.choice(single) if rng.random() < 0.25 else f"{rng.choice(first)} {rng.choice(second)}"
+
+
+def part_number(rng: random.Random, letters: str) -> str:
+    return f"{rng.choice(letters)}{rng.choice(letters)}-{rng.randint(1, 9999)}"
 
 
 def intent_rows(rng: random.Random, held_out: bool, n_per_intent: int) -> list[dict]:
@@ -147,12 +169,16 @@ def tagged(template: str, fills: dict[str, tuple[str, str]]) -> dict:
     return {"tokens": tokens, "tags": tags}
 
 
-def tag_rows(rng: random.Random, parts: list[str], places: list[str], n: int) -> list[dict]:
+def tag_rows(rng: random.Random, held_out: bool, n: int) -> list[dict]:
+    words = PLACE_WORDS_NEW if held_out else PLACE_WORDS
+    letters = "QWXZDGJ" if held_out else "ABCEFHKLMNPRSTV"
     rows = []
     for i in range(n):
         template = TAG_TEMPLATES[i % len(TAG_TEMPLATES)]
-        part, part2 = rng.sample(parts, 2)
-        place, place2 = rng.sample(places, 2)
+        part, part2 = part_number(rng, letters), part_number(rng, letters)
+        place, place2 = place_name(rng, words), place_name(rng, words)
+        while place2 == place:
+            place2 = place_name(rng, words)
         fills = {"part": (part, "PART"), "part2": (part2, "PART"), "place": (place, "LOC"), "place2": (place2, "LOC")}
         rows.append(tagged(template, fills))
     rng.shuffle(rows)
@@ -168,8 +194,8 @@ def main() -> None:
     HERE.mkdir(exist_ok=True)
     write(HERE / "intents-train.jsonl", intent_rows(rng, held_out=False, n_per_intent=48))
     write(HERE / "intents-eval.jsonl", intent_rows(rng, held_out=True, n_per_intent=16))
-    write(HERE / "tags-train.jsonl", tag_rows(rng, PART_NUMBERS, PLACES, 240))
-    write(HERE / "tags-eval.jsonl", tag_rows(rng, PART_NUMBERS_NEW, PLACES_NEW, 60))
+    write(HERE / "tags-train.jsonl", tag_rows(rng, held_out=False, n=270))
+    write(HERE / "tags-eval.jsonl", tag_rows(rng, held_out=True, n=72))
 
 
 if __name__ == "__main__":
