@@ -422,6 +422,8 @@ def test_serve_classify_endpoint(factory, trained):
             ({"model": "intents", "input": "w " * 100}, 400, None),  # over max_seq_len 64
             ({"model": "nope", "input": "x"}, 404, "model_not_found"),
             ({"model": "intents"}, 400, None),
+            ({"model": "intents", "input": []}, 400, None),
+            ({"model": "intents", "input": ["a"] * 65}, 400, None),
         ]:
             reply = client.post("/v1/classify", json=bad, headers=auth)
             assert reply.status_code == status and reply.json()["error"]["code"] == code, (bad, reply.text)

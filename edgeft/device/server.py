@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import HTTPException, RequestValidationError
@@ -53,6 +53,7 @@ from edgeft.errors import EdgeftError
 from edgeft.tasks import Task
 
 Engine = TextGenerator | Classifier  # a causal-lm bundle generates; a classification bundle classifies
+MAX_CLASSIFY_INPUTS = 64  # texts per /v1/classify request
 
 
 @dataclass
@@ -222,11 +223,14 @@ class ClassifyRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    input: Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1, max_length=64)]
+    input: str | list[str]
     truncate: bool = False  # cut texts over the bundle's max_seq_len instead of answering 400
 
     def texts(self) -> list[str]:
-        return [self.input] if isinstance(self.input, str) else list(self.input)
+        texts = [self.input] if isinstance(self.input, str) else list(self.input)
+        if not 1 <= len(texts) <= MAX_CLASSIFY_INPUTS:
+            raise ApiError(400, f"input must hold 1 to {MAX_CLASSIFY_INPUTS} texts, got {len(texts)}", param="input")
+        return texts
 
 
 class ChatRequest(_Sampled):
