@@ -323,6 +323,42 @@ def trained(factory, tmp_path_factory) -> dict[str, Path]:
     return runs
 
 
+def test_tagger_resume_is_bit_identical_head_included(factory, tmp_path, monkeypatch):
+    """Checkpoints hold the head and its AdamW moments: interrupted after step 3 (checkpoint at 2),
+    resumed, the adapter equals an uninterrupted run's bit for bit."""
+    from safetensors.numpy import load_file
+
+    from edgeft.device.train import TrainConfig, _Run, train
+
+    data = tmp_path / "tags.jsonl"
+    data.write_text("".join((DATA / "tags-train.jsonl").open().readlines()[:16]))
+
+    def cfg(out, **kw):
+        return TrainConfig(factory.classifier("token-cls"), data, out, max_steps=4, lr=1e-2, batch_size=4,
+                           save_every=2, progress=False, **kw)  # fmt: skip
+
+    train(cfg(tmp_path / "straight"))
+    real_step = _Run._optimizer_step
+
+    def dying_step(self, model):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return real_step(self, model)
+
+    monkeypatch.setattr(_Run, "_optimizer_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg(tmp_path / "resumed"))
+    saved = load_file(str(tmp_path / "resumed" / "checkpoints" / "step-00000002" / "lora.safetensors"))
+    assert "base_model.model.classifier.modules_to_save.default.weight" in saved
+    monkeypatch.setattr(_Run, "_optimizer_step", real_step)
+    train(cfg(tmp_path / "resumed", resume=True))
+    straight, resumed = (
+        load_file(str(tmp_path / r / "adapter" / "adapter_model.safetensors")) for r in ("straight", "resumed")
+    )
+    assert "base_model.model.classifier.weight" in straight
+    assert all(np.array_equal(straight[k], resumed[k]) for k in straight)
+
+
 def _eval(bundle: Path, data: Path, adapter: Path | None = None) -> dict:
     from edgeft.device.evaluate import EvalConfig, evaluate
 

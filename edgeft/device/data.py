@@ -38,8 +38,10 @@ class Example:
 class Batch:
     input_ids: np.ndarray  # int64 [B, L], right-padded with pad_token_id
     attention_mask: np.ndarray  # int64 [B, L], 1 = real token
-    labels: np.ndarray  # int64 [B, L], IGNORE_INDEX on padding and non-loss tokens
-    num_loss_tokens: int  # labels[:, 1:] != IGNORE_INDEX (the graph shifts labels by one)
+    labels: np.ndarray  # int64 [B, L], IGNORE_INDEX on padding and non-loss tokens ([B] for seq-cls)
+    # causal-lm: labels[:, 1:] != IGNORE_INDEX (the graph shifts labels by one); classification
+    # (edgeft.device.labelled): the labelled texts or tokens
+    num_loss_tokens: int
     num_tokens: int  # attention_mask.sum()
 
 
