@@ -615,6 +615,10 @@ def test_bad_commands_are_refused(factory, tmp_path):
         (["export", model, "--out", tmp_path / "b", "--task", "token-cls", "--labels", "O,B-X"],
          ["--task token-cls is not supported for model_type 'llama'"]),
         (["export", minilm_dir(), "--out", tmp_path / "b"], ["--task causal-lm is not supported", "'bert'"]),
+        (["export", minilm_dir(), "--out", tmp_path / "b", "--task", "token-cls", "--labels", "O,B-X", "--init-adapter",
+          seq / "adapter"], ["task_type 'SEQ_CLS' does not fit --task token-cls"]),
+        (["export", model, "--out", tmp_path / "b", "--init-adapter", seq / "adapter"],
+         ["task_type 'SEQ_CLS' does not fit --task causal-lm"]),
     ]  # fmt: skip
     watched = [seq, tok, llama, tmp_path]
     for args, expect in cases:

@@ -97,7 +97,7 @@ def _check_inputs(cfg: ExportConfig) -> dict:
     if cfg.task != CAUSAL_LM and cfg.quantize:
         raise EdgeftError(f"--quantize is for causal-lm bundles, not --task {cfg.task}")
     if cfg.init_adapter is not None:
-        _check_init_adapter(Path(cfg.init_adapter))
+        _check_adapter_task(_check_init_adapter(Path(cfg.init_adapter)), cfg)
     if cfg.target_modules is None and cfg.init_adapter is None:
         default_lora_targets(model_type)  # raises the clear unknown-type error
     if cfg.lora_r < 1 or cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1:
@@ -224,6 +224,18 @@ def _load_peft_model(cfg: ExportConfig, hf_config: dict):
     return peft_model, lora_cfg
 
 
+def _check_adapter_task(adapter_cfg: dict, cfg: ExportConfig) -> None:
+    """A classifier starts from an adapter made for its task (with its head), and a causal LM never
+    from a classifier's."""
+    got, want = adapter_cfg.get("task_type"), PEFT_TASK_TYPE[cfg.task]
+    classifier_types = set(PEFT_TASK_TYPE.values()) - {PEFT_TASK_TYPE[CAUSAL_LM]}
+    if got != want and (cfg.task != CAUSAL_LM or got in classifier_types):
+        raise EdgeftError(
+            f"{Path(cfg.init_adapter) / 'adapter_config.json'}: task_type {got!r} does not fit --task {cfg.task} "
+            f"(a {want} adapter is needed)"
+        )
+
+
 def _check_init_adapter(path: Path) -> dict:
     """The same checks a device applies to an adapter, before any model is loaded."""
     from edgeft.device.adapter import WEIGHTS, read_adapter_config
@@ -311,6 +323,8 @@ def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out:
     trainable = [n for n in params if _is_trainable(n)]
     if not any("lora_" in n for n in trainable):
         raise EdgeftError("no LoRA parameters ended up in the graph (check --target-modules)")
+    if task.is_classification and not any(is_head(n) for n in trainable):
+        raise EdgeftError("the classification head is not trainable (PEFT modules_to_save); check --init-adapter")
     work = Path(tempfile.mkdtemp(prefix="edgeft-export-"))
     try:
         window = hf_config.get("sliding_window") if hf_config.get("use_sliding_window", True) else None
