@@ -189,7 +189,7 @@ def test_loss_logits_and_raw_gradients_match_torch_peft(factory, tmp_path, task)
     """A PEFT adapter made on the host (non-zero B, a moved head) through the bundle: loss and
     logits equal PeftModel on AutoModelFor{Sequence,Token}Classification, and the training graph's
     gradient of every LoRA tensor and of the head equals torch's ``.grad`` (measured: loss ~1e-7
-    relative, logits ~1e-6, gradients ~1e-6)."""
+    relative, logits ≤ 6e-7 absolute, gradients ≤ 6e-6 of each tensor's largest)."""
     path = factory.classifier(task)
     bundle = Bundle.open(path)
     adapter = make_classifier_adapter(minilm_dir(), tmp_path / "peft", task, LABELS[task], targets=BERT_TARGETS)
