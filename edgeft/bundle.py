@@ -27,9 +27,16 @@ SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 
 def peft_key(onnx_name: str) -> str:
     """ONNX/PEFT parameter name -> PEFT state-dict key (the adapter name ``default`` is dropped;
-    DoRA's ``….lora_magnitude_vector.default.weight`` is saved by PEFT as ``….lora_magnitude_vector``)."""
+    DoRA's ``….lora_magnitude_vector.default.weight`` is saved by PEFT as ``….lora_magnitude_vector``;
+    a classification head's ``….classifier.modules_to_save.default.weight`` as ``….classifier.weight``)."""
     name = re.sub(r"\.lora_magnitude_vector\.default\.weight$", ".lora_magnitude_vector", onnx_name)
+    name = re.sub(r"\.modules_to_save\.default\.", ".", name)
     return re.sub(r"\.(lora_[AB])\.default\.", r".\1.", name)
+
+
+def is_head(onnx_name: str) -> bool:
+    """A tensor of a module PEFT trains in full (``modules_to_save``: a classification head)."""
+    return ".modules_to_save." in onnx_name
 
 
 def lora_module(name: str) -> str:

@@ -114,9 +114,21 @@ TRUSTED_KEY = click.option(
     help="Layer recomputation in the backward (less memory, more compute). auto: write both training "
     "graphs and let `edgeft train` pick the one that fits the device's memory.",
 )
+@click.option(
+    "--task",
+    type=click.Choice(["causal-lm", "seq-cls", "token-cls"]),
+    default="causal-lm",
+    show_default=True,
+    help="What the model learns: next tokens, one label per text (seq-cls) or one label per word (token-cls).",
+)
+@click.option(
+    "--labels",
+    callback=_csv,
+    help="Comma-separated class names for seq-cls / token-cls, in class-id order (token-cls: e.g. O,B-PART,I-PART).",
+)
 @PROFILE
 def export(profile, max_seq_len, quantize, **options):
-    """(host) Export MODEL_DIR (a Hugging Face causal LM) to a training bundle."""
+    """(host) Export MODEL_DIR (a Hugging Face causal LM, or a classifier with --task) to a training bundle."""
     from edgeft.host.export import ExportConfig, export_bundle
     from edgeft.profiles import load_profile
 
@@ -193,10 +205,30 @@ def train(no_progress, **options):
 @PROFILE
 @TRUSTED_KEY
 def eval_(**options):
-    """(device) Print {"loss", "perplexity"} of the bundle on DATA."""
+    """(device) Print {"loss", "perplexity"} of the bundle on DATA (classifiers: accuracy and macro-F1,
+    or entity-level precision/recall/F1)."""
     from edgeft.device.evaluate import EvalConfig, evaluate
 
     click.echo(json.dumps(evaluate(EvalConfig(**options))))
+
+
+@main.command()
+@click.argument("bundle", type=PathArg)
+@click.option("--text", multiple=True, help="A text to classify (repeatable).")
+@click.option("--data", type=PathArg, help='JSON Lines: {"text": ...} (token-cls also {"tokens": [...]}).')
+@click.option("--adapter", type=PathArg, help="A PEFT LoRA adapter directory (default: the bundle's initial one).")
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--max-seq-len", type=int)
+@click.option("--truncate", is_flag=True, help="Cut over-long texts instead of refusing them.")
+@click.option("--threads", type=int)
+@PROFILE
+@TRUSTED_KEY
+def predict(text, **options):
+    """(device) Print one JSON line per input: label and probabilities (seq-cls), or entities with spans (token-cls)."""
+    from edgeft.device.classify import PredictConfig
+    from edgeft.device.classify import predict as run_predict
+
+    run_predict(PredictConfig(text=list(text), **options))
 
 
 @main.command()
@@ -264,7 +296,7 @@ def merge(bundle, adapter, out, overwrite, trusted_key):
 @TRUSTED_KEY
 @PROFILE
 def serve(adapter_specs, **options):
-    """(device) Serve the bundle and its adapters over an OpenAI-compatible HTTP API."""
+    """(device) Serve the bundle and its adapters over an OpenAI-compatible HTTP API (classifiers: POST /v1/classify)."""
     from edgeft.device.server import ServeConfig
     from edgeft.device.server import serve as run_server
 

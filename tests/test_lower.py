@@ -100,6 +100,21 @@ def test_gather_grad_adds_repeated_rows():
     _check(_model([node], {"dy": dy}, ["dx"], consts), {"dy": dy})
 
 
+@pytest.mark.parametrize(
+    "axis,indices",
+    [(1, np.array(0, np.int64)), (1, np.array([[2, 0], [-1, 2]], np.int64)), (-1, np.array([3, 3, 0], np.int64))],
+)
+def test_gather_grad_other_axes(axis, indices):
+    """BERT's pooler gathers token 0 on axis 1 (a scalar index); repeated and negative indices add up."""
+    x = randn(2, 5, 4)
+    gather = helper.make_node("Gather", ["x", "indices"], ["y"], axis=axis)
+    y = _run(_model([gather], {"x": x}, ["y"], {"indices": indices}), {"x": x})[0]
+    dy = randn(*y.shape)
+    consts = {"shape": np.array(x.shape, np.int64), "indices": indices}
+    node = helper.make_node("GatherGrad", ["shape", "indices", "dy"], ["dx"], domain=MS, axis=axis)
+    _check(_model([node], {"dy": dy}, ["dx"], consts), {"dy": dy})
+
+
 @pytest.mark.parametrize("axis", [-1, 1])
 def test_softmax_grad(axis):
     x, dy = randn(2, 3, 5), randn(2, 3, 5)
@@ -130,6 +145,31 @@ def test_simplified_layer_norm_grad():
     )
     feeds = {"x": x, "w": w, "dy": dy}
     _check(_model([fwd, grad], feeds, ["dx", "dw"]), feeds, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("outputs", [["dx", "dw", "db"], ["dx"]])
+def test_layer_norm_grad(outputs):
+    """BERT's LayerNorm; the training graph asks for dX only (its weights are frozen)."""
+    x, w, bias, dy = randn(2, 3, 16) * 2 + 1, randn(16), randn(16), randn(2, 3, 16)
+    fwd = helper.make_node("LayerNormalization", ["x", "w", "b"], ["y", "mean", "inv_std"], axis=-1, epsilon=1e-12)
+    grad = helper.make_node(
+        "LayerNormalizationGrad", ["dy", "x", "w", "mean", "inv_std"], ["dx", "dw", "db"], domain=MS, axis=-1
+    )
+    feeds = {"x": x, "w": w, "b": bias, "dy": dy}
+    _check(_model([fwd, grad], feeds, outputs), feeds, rtol=2e-5, atol=2e-6)
+
+
+def test_gelu_grad():
+    x, dy = randn(3, 10) * 3, randn(3, 10)
+    grad = helper.make_node("GeluGrad", ["dy", "x"], ["dx"], domain=MS)
+    _check(_model([grad], {"x": x, "dy": dy}, ["dx"]), {"x": x, "dy": dy})
+
+
+def test_tanh_grad():
+    x, dy = randn(3, 10) * 2, randn(3, 10)
+    tanh = helper.make_node("Tanh", ["x"], ["y"])
+    grad = helper.make_node("TanhGrad", ["dy", "y"], ["dx"], domain=MS)
+    _check(_model([tanh, grad], {"x": x, "dy": dy}, ["dx"]), {"x": x, "dy": dy})
 
 
 @pytest.mark.parametrize("alpha", [1.0, 1.702])

@@ -91,7 +91,11 @@ def bundle_scaling(bundle: Bundle) -> dict[str, float]:
     lora = bundle.manifest["lora"]
     recorded = lora.get("scaling") or {}
     default = lora["lora_alpha"] / lora["r"]
-    return {lora_module(p["key"]): float(recorded.get(lora_module(p["key"]), default)) for p in bundle.trainable}
+    return {
+        lora_module(p["key"]): float(recorded.get(lora_module(p["key"]), default))
+        for p in bundle.trainable
+        if not p.get("head")
+    }
 
 
 def is_magnitude(name: str) -> bool:
@@ -121,6 +125,13 @@ def load_adapter(path: str | os.PathLike, bundle: Bundle) -> dict[str, np.ndarra
     stray = sorted(k for k in tensors if _normalize(k) not in known)
     if stray:
         raise EdgeftError(f"{path / WEIGHTS}: tensor {stray[0]} does not fit this bundle (no such LoRA module in it)")
+    present = {_normalize(t) for t in tensors}
+    missing_head = [p["key"] for p in bundle.trainable if p.get("head") and p["key"] not in present]
+    if missing_head:
+        raise EdgeftError(
+            f"{path / WEIGHTS}: no classification head tensor {missing_head[0]} (an adapter for this bundle is "
+            "trained with its head, PEFT's modules_to_save)"
+        )
     normalized = {_normalize(k): v for k, v in tensors.items()}
     out, missing_magnitudes = {}, []
     for key, p in known.items():
@@ -131,6 +142,11 @@ def load_adapter(path: str | os.PathLike, bundle: Bundle) -> dict[str, np.ndarra
                 missing_magnitudes.append(p)
                 continue
             arr = np.zeros(p["shape"], np.float32) if ".lora_B." in key else _missing_a(p["shape"])
+        elif list(arr.shape) != p["shape"] and p.get("head"):
+            raise EdgeftError(
+                f"{path / WEIGHTS}: classification head {key} has shape {list(arr.shape)} but this bundle expects "
+                f"{p['shape']} ({p['shape'][0]} labels)"
+            )
         elif list(arr.shape) != p["shape"]:
             bundle_r = known[f"{module}.lora_A.weight"]["shape"][0] if f"{module}.lora_A.weight" in known else "?"
             adapter_r = pattern_value(cfg.get("rank_pattern"), module.removeprefix("base_model.model."), cfg["r"])
@@ -202,7 +218,10 @@ def _missing_a(shape: list[int]) -> np.ndarray:
 
 def _normalize(key: str) -> str:
     """Accept keys with or without PEFT's adapter name (``.lora_A.default.weight``; DoRA's
-    ``.lora_magnitude_vector[.default][.weight]`` -> PEFT's ``.lora_magnitude_vector``)."""
+    ``.lora_magnitude_vector[.default][.weight]`` -> PEFT's ``.lora_magnitude_vector``; a head's
+    ``.classifier.modules_to_save.default.weight`` -> PEFT's ``.classifier.weight``)."""
+    if ".modules_to_save." in key:
+        return re.sub(r"\.modules_to_save\.[^.]+\.", ".", key)
     if not key.count(".lora_"):
         return key
     key = re.sub(r"\.lora_magnitude_vector(\.[^.]+)?(\.weight)?$", ".lora_magnitude_vector", key)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -38,8 +38,10 @@ class Example:
 class Batch:
     input_ids: np.ndarray  # int64 [B, L], right-padded with pad_token_id
     attention_mask: np.ndarray  # int64 [B, L], 1 = real token
-    labels: np.ndarray  # int64 [B, L], IGNORE_INDEX on padding and non-loss tokens
-    num_loss_tokens: int  # labels[:, 1:] != IGNORE_INDEX (the graph shifts labels by one)
+    labels: np.ndarray  # int64 [B, L], IGNORE_INDEX on padding and non-loss tokens ([B] for seq-cls)
+    # causal-lm: labels[:, 1:] != IGNORE_INDEX (the graph shifts labels by one); classification
+    # (edgeft.device.labelled): the labelled texts or tokens
+    num_loss_tokens: int
     num_tokens: int  # attention_mask.sum()
 
 
@@ -277,7 +279,15 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int) -> l
     return [groups[i] for i in rng.permutation(len(groups))]
 
 
-def make_batches(examples: list[Example], batch_size: int, pad_token_id: int, seed: int, epoch: int) -> list[Batch]:
-    """All batches of one epoch, in training order; the same arguments give the same batches."""
+def make_batches(
+    examples: list[Example],
+    batch_size: int,
+    pad_token_id: int,
+    seed: int,
+    epoch: int,
+    collate: Callable[[list[Example], int], Batch] = _pad,
+) -> list[Batch]:
+    """All batches of one epoch, in training order; the same arguments give the same batches.
+    ``collate`` pads a group into a Batch (classification bundles: ``edgeft.device.labelled``)."""
     groups = batch_order([len(ex.input_ids) for ex in examples], batch_size, seed, epoch)
-    return [_pad([examples[i] for i in group], pad_token_id) for group in groups]
+    return [collate([examples[i] for i in group], pad_token_id) for group in groups]

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from edgeft.bundle import Bundle
 from edgeft.device.data import Example, load_examples, make_batches
 from edgeft.errors import EdgeftError
+from edgeft.tasks import Task
 
 if TYPE_CHECKING:
     import numpy as np
@@ -31,7 +32,8 @@ class EvalConfig:
 
 
 def evaluate(cfg: EvalConfig) -> dict:
-    """``{"loss": mean over loss-bearing tokens, "perplexity": exp(loss), "tokens": count}``."""
+    """``{"loss": mean over loss-bearing tokens, "perplexity": exp(loss), "tokens": count}``;
+    classification bundles: their metrics (``edgeft.device.classify.evaluate_classifier``)."""
     from edgeft.device.adapter import load_adapter
     from edgeft.device.runtime import LoraGraphs, graph_session
     from edgeft.device.tokenizer import BundleTokenizer
@@ -40,6 +42,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.batch_size < 1:
         raise EdgeftError("--batch-size must be at least 1")
     bundle = Bundle.open(cfg.bundle, trusted_key=cfg.trusted_key)
+    if Task.of(bundle.manifest).is_classification:
+        from edgeft.device.classify import evaluate_classifier
+
+        return evaluate_classifier(cfg, bundle)
     tok = BundleTokenizer.from_dir(bundle.root)
     examples = load_examples(cfg.data, tok, bundle.seq_len(cfg.max_seq_len), truncate=cfg.truncate)
     adapter = cfg.adapter or bundle.path(bundle.manifest["lora"]["init_adapter"])
@@ -50,11 +56,18 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 
 def mean_loss(
-    model: LoraGraphs, lora: dict[str, np.ndarray], examples: list[Example], batch_size: int, pad_token_id: int
+    model: LoraGraphs,
+    lora: dict[str, np.ndarray],
+    examples: list[Example],
+    batch_size: int,
+    pad_token_id: int,
+    collate=None,
 ) -> tuple[float, int]:
-    """Token-weighted mean loss: each batch returns its summed loss (denominator 1)."""
+    """Token-weighted mean loss (per labelled item for classification): each batch returns its
+    summed loss (denominator 1). ``collate``: the bundle task's batch maker (default causal-lm)."""
     total, tokens = 0.0, 0
-    for batch in make_batches(examples, batch_size, pad_token_id, seed=0, epoch=0):
+    extra = {"collate": collate} if collate is not None else {}
+    for batch in make_batches(examples, batch_size, pad_token_id, seed=0, epoch=0, **extra):
         total += model.loss(lora, batch, 1.0)
         tokens += batch.num_loss_tokens
     return total / tokens, tokens

@@ -16,6 +16,7 @@ from edgeft.bundle import Bundle
 from edgeft.device.decoder import BASE, Decoder, Sampling
 from edgeft.device.tokenizer import BundleTokenizer
 from edgeft.errors import EdgeftError
+from edgeft.tasks import CAUSAL_LM, Task, require
 
 
 @dataclass
@@ -63,6 +64,7 @@ class TextGenerator:
 
     def __init__(self, bundle: str | Path | Bundle, provider: str | None = None, threads: int | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+        require(Task.of(self.bundle.manifest), (CAUSAL_LM,), "text generation")
         self.tokenizer = BundleTokenizer.from_dir(self.bundle.root)
         self.decoder = Decoder(self.bundle, provider, threads)
         self.stop_ids = self._stop_ids()

@@ -26,6 +26,7 @@ import numpy as np
 from edgeft.bundle import Bundle, lora_module, read_safetensors_header
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import staged_directory
+from edgeft.tasks import CAUSAL_LM, Task, require
 
 MODEL_FILE = "model.onnx"  # optimum's standard name: found without passing file_name
 WEIGHTS = "weights.safetensors"  # the name decoder.onnx's external data points at
@@ -47,6 +48,7 @@ def merge(cfg: MergeConfig) -> Path:
     from edgeft.device.adapter import bundle_scaling, load_adapter
 
     bundle = Bundle.open(cfg.bundle, trusted_key=cfg.trusted_key)
+    require(Task.of(bundle.manifest), (CAUSAL_LM,), "edgeft merge")
     quantization = bundle.manifest.get("quantization")
     if quantization:
         raise EdgeftError(

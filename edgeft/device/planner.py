@@ -20,6 +20,7 @@ from pathlib import Path
 
 from edgeft.bundle import Bundle
 from edgeft.models import MODEL_TABLE
+from edgeft.tasks import Task
 
 MB = 1 << 20
 F32 = 4
@@ -78,6 +79,7 @@ class _Shape:
         c = json.loads(bundle.path("config.json").read_text())
         heads = c["num_attention_heads"]
         facts = MODEL_TABLE.get(c.get("model_type"))
+        labels = Task.of(bundle.manifest).labels  # a classifier's logits are this wide, not the vocabulary
         return cls(
             c["hidden_size"],
             c.get("intermediate_size", 4 * c["hidden_size"]),
@@ -85,7 +87,7 @@ class _Shape:
             heads,
             c.get("num_key_value_heads") or heads,
             c.get("head_dim") or c["hidden_size"] // heads,
-            c["vocab_size"],
+            len(labels) if labels else c["vocab_size"],
             facts.train_activation_factor if facts else 1.0,
             facts.recompute_activation_factor if facts else 1.0,
         )
@@ -114,6 +116,8 @@ def plan(bundle: Bundle, batch_size: int = 4, max_seq_len: int | None = None, ru
     train_peak = base + TRAIN_OVERHEAD_MB + weights + lora_state + act
     train_recompute_peak = base + RECOMPUTE_OVERHEAD_MB + weights + lora_state + act_rc
     kv = SERVE_KV_COPIES * 2 * shape.layers * shape.kv_heads * shape.head_dim * seq * F32 / MB
+    if Task.of(bundle.manifest).is_classification:  # served by the eval graph: one forward, no KV cache
+        kv = 0.0
     serve_load = base + SERVE_OVERHEAD_MB + weights + SERVE_LINEAR_COPY * (weights - embed)
     if quant and quant.get("scheme") == "int8":  # the decoder session folds int8 weights to float32
         serve_load = base + SERVE_OVERHEAD_MB + weights + (1 + SERVE_LINEAR_COPY) * (fp32_weights - embed)

@@ -80,6 +80,15 @@ class LoraGraphs:
         """Sum of the batch's token cross-entropies / ``denominator`` (eval graph: no dropout)."""
         return self._eval.run(lora, batch, denominator, {})
 
+    def loss_and_logits(
+        self, lora: dict[str, np.ndarray], batch: Batch, denominator: float, num_labels: int
+    ) -> tuple[float, np.ndarray]:
+        """A classification bundle's eval graph: the loss and a copy of the logits, shaped like
+        ``batch.labels`` plus ``num_labels`` ([batch, labels] or [batch, seq, labels])."""
+        shape = (*batch.labels.shape, num_labels)
+        loss = self._eval.run(lora, batch, denominator, {"logits": shape})
+        return loss, self._eval.outputs["logits"].copy()
+
     def loss_and_grads(
         self, lora: dict[str, np.ndarray], batch: Batch, denominator: float
     ) -> tuple[float, dict[str, np.ndarray]]:
@@ -133,7 +142,8 @@ class _Bound:
         self._lora[name] = (array, value)
 
     def _bind_output(self, name: str, shape: tuple) -> None:
-        if name not in self.outputs:
+        current = self.outputs.get(name)
+        if current is None or current.shape != tuple(shape):  # logits: a new shape per batch
             self.outputs[name] = np.zeros(shape, np.float32)
             if self.device == "cpu":  # ORT writes straight into our array, every run
                 value = onnxruntime().OrtValue.ortvalue_from_numpy(self.outputs[name])

@@ -7,6 +7,11 @@ more are refused at once with 503 so a small device does not pile up work it can
 Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, so OpenAI
 clients raise their usual exceptions.
 
+A classification bundle (``export --task seq-cls|token-cls``) is served the same way through
+``POST /v1/classify`` (labels with probabilities, or entities with spans): the same model ids,
+adapters, queue, limits and error shape; the completion endpoints answer 400 for it, and
+``/v1/classify`` answers 400 for a causal-lm bundle.
+
 Limits, so one client cannot tie the device up: request bodies over ``max_body_bytes`` get 413
 (from Content-Length, or counted while a chunked body is read), prompts over ``max_prompt_chars``
 get 400, and a request still generating ``request_timeout`` seconds after it arrived is stopped
@@ -41,9 +46,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgeft.bundle import Bundle
+from edgeft.device.classify import Classifier
 from edgeft.device.decoder import BASE, Sampling
 from edgeft.device.generate import Stream, TextGenerator
 from edgeft.errors import EdgeftError
+from edgeft.tasks import Task
+
+Engine = TextGenerator | Classifier  # a causal-lm bundle generates; a classification bundle classifies
+MAX_CLASSIFY_INPUTS = 64  # texts per /v1/classify request
 
 
 @dataclass
@@ -73,13 +83,15 @@ def serve(cfg: ServeConfig) -> None:
     check_host(cfg.host, cfg.api_key, cfg.insecure)
     _check_limits(cfg.max_queue, cfg.max_body_bytes, cfg.max_prompt_chars, cfg.request_timeout)
     settings = runtime_settings(cfg.profile, "serve", cfg.threads, cfg.provider)
-    generator = TextGenerator(Bundle.open(cfg.bundle, trusted_key=cfg.trusted_key), settings.provider, settings.threads)
+    bundle = Bundle.open(cfg.bundle, trusted_key=cfg.trusted_key)
+    kind = Classifier if Task.of(bundle.manifest).is_classification else TextGenerator
+    generator = kind(bundle, settings.provider, settings.threads)
     base_id = base_model_id(generator)
     for name, path in cfg.adapters.items():
         # An adapter named like the base would shadow it (or replace the zero "base" LoRA).
         if name in (base_id, BASE):
             raise EdgeftError(f"--adapter {name}={path}: the name {name!r} is taken by the base model")
-        generator.decoder.add_adapter(name, path)
+        _add_adapter(generator, name, path)
     app = create_app(
         generator,
         cfg.api_key,
@@ -123,8 +135,19 @@ def _check_limits(max_queue: int, max_body_bytes: int, max_prompt_chars: int, re
         raise EdgeftError("--request-timeout must be more than 0 seconds")
 
 
-def base_model_id(generator: TextGenerator) -> str:
+def base_model_id(generator: Engine) -> str:
     return str(generator.bundle.manifest.get("base_model") or BASE)
+
+
+def _adapters(engine: Engine) -> dict:
+    return engine.adapters if isinstance(engine, Classifier) else engine.decoder.adapters
+
+
+def _add_adapter(engine: Engine, name: str, path: Path) -> None:
+    if isinstance(engine, Classifier):
+        engine.add_adapter(name, path)
+    else:
+        engine.decoder.add_adapter(name, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +215,22 @@ class ChatMessage(BaseModel):
     def as_template_input(self) -> dict[str, str]:
         content = self.content if isinstance(self.content, str | None) else "".join(p.text for p in self.content)
         return {"role": self.role, "content": content or ""}
+
+
+class ClassifyRequest(BaseModel):
+    """``POST /v1/classify``: one text or a list of texts, classified with the adapter ``model``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: str | list[str]
+    truncate: bool = False  # cut texts over the bundle's max_seq_len instead of answering 400
+
+    def texts(self) -> list[str]:
+        texts = [self.input] if isinstance(self.input, str) else list(self.input)
+        if not 1 <= len(texts) <= MAX_CLASSIFY_INPUTS:
+            raise ApiError(400, f"input must hold 1 to {MAX_CLASSIFY_INPUTS} texts, got {len(texts)}", param="input")
+        return texts
 
 
 class ChatRequest(_Sampled):
@@ -486,9 +525,9 @@ _DONE = "data: [DONE]\n\n"
 
 
 class Server:
-    """The routes' state: the generator, the model ids, the worker."""
+    """The routes' state: the generator (or classifier), the model ids, the worker."""
 
-    def __init__(self, generator: TextGenerator, max_queue: int, max_prompt_chars: int, request_timeout: float):
+    def __init__(self, generator: Engine, max_queue: int, max_prompt_chars: int, request_timeout: float):
         self.generator = generator
         self.base_id = base_model_id(generator)
         self.worker = Worker(max_queue)
@@ -496,12 +535,12 @@ class Server:
         self.request_timeout = request_timeout
 
     def model_ids(self) -> list[str]:
-        return [self.base_id, *(n for n in self.generator.decoder.adapters if n not in (BASE, self.base_id))]
+        return [self.base_id, *(n for n in _adapters(self.generator) if n not in (BASE, self.base_id))]
 
     def adapter_for(self, model: str) -> str:
         if model in (self.base_id, BASE):
             return BASE
-        if model in self.generator.decoder.adapters:
+        if model in _adapters(self.generator):
             return model
         raise ApiError(
             404, f"The model '{model}' does not exist (served: {', '.join(self.model_ids())})", param="model",
@@ -511,6 +550,9 @@ class Server:
     async def prepare(self, req: _Sampled, prompt: str | None, messages: list[dict] | None, chat: bool) -> Job:
         """Validate and tokenize (in a thread pool, not the generation worker: a bad or long
         prompt is answered without waiting behind other generations)."""
+        if isinstance(self.generator, Classifier):
+            task = self.generator.task.type
+            raise ApiError(400, f"this bundle is a {task} classifier: use POST /v1/classify", code="wrong_endpoint")
         deadline = time.monotonic() + self.request_timeout
         adapter = self.adapter_for(req.model)
         self.check_prompt_chars(prompt, messages)
@@ -520,6 +562,55 @@ class Server:
         # TextGenerator.stream caps max_new_tokens at the room left in the context.
         stream = self.generator.stream(ids, adapter, sampling, req.stops())
         return Job(stream, req.model, chat, req.stream, req.include_usage(), self.request_timeout, deadline)
+
+    async def classify(self, req: ClassifyRequest) -> dict[str, Any]:
+        """Validate and tokenize in the thread pool, classify on the worker (the queue, its 503 and
+        the request timeout apply as to generations)."""
+        clf = self.generator
+        if not isinstance(clf, Classifier):
+            raise ApiError(
+                400,
+                "this bundle generates text (causal-lm); /v1/classify needs a bundle exported with "
+                "--task seq-cls or token-cls",
+                code="wrong_endpoint",
+            )
+        deadline = time.monotonic() + self.request_timeout
+        adapter = self.adapter_for(req.model)
+        texts = req.texts()
+        for i, text in enumerate(texts):
+            if len(text) > self.max_prompt_chars:
+                raise ApiError(
+                    400,
+                    f"input[{i}] has {len(text)} characters; this server takes at most {self.max_prompt_chars}",
+                    param="input",
+                    code="prompt_too_long",
+                )
+
+        def encode() -> list:
+            out = []
+            for i, text in enumerate(texts):
+                try:
+                    out.append(clf.encode(text, req.truncate))
+                except EdgeftError as e:
+                    raise ApiError(400, f"input[{i}]: {e}", param="input") from None
+            return out
+
+        examples = await run_in_threadpool(encode)
+        future = self.worker.submit(lambda: clf.predictions(examples, adapter))
+        done, _ = await asyncio.wait({future}, timeout=max(deadline - time.monotonic(), 0))
+        if not done:
+            future.cancel()  # a queued job never starts; a running one is a single forward pass
+            raise ApiError(
+                504,
+                f"the request took longer than {self.request_timeout:g} s (--request-timeout)",
+                "server_error",
+                code="timeout",
+            )
+        results = future.result()
+        data = [{"object": "classification", "index": i, **result} for i, result in enumerate(results)]
+        tokens = sum(len(ex.input_ids) for ex in examples)
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return {"object": "list", "model": req.model, "task": clf.task.type, "data": data, "usage": usage}
 
     def check_prompt_chars(self, prompt: str | None, messages: list[dict] | None) -> None:
         chars = len(prompt) if prompt is not None else sum(len(m["content"]) for m in messages or [])
@@ -628,7 +719,7 @@ def _error_body(exc: BaseException) -> dict[str, Any]:
 
 
 def create_app(
-    generator: TextGenerator,
+    generator: Engine,
     api_key: str | None = None,
     max_queue: int = 8,
     *,
@@ -636,7 +727,8 @@ def create_app(
     max_prompt_chars: int = 64 << 10,
     request_timeout: float = 60.0,
 ) -> FastAPI:
-    """The OpenAI-compatible app over ``generator`` (its decoder's adapters are the models)."""
+    """The OpenAI-compatible app over ``generator`` (its adapters are the models): a TextGenerator,
+    or a Classifier for a classification bundle (``/v1/classify``)."""
     _check_limits(max_queue, max_body_bytes, max_prompt_chars, request_timeout)
     server = Server(generator, max_queue, max_prompt_chars, request_timeout)
 
@@ -670,5 +762,9 @@ def create_app(
         messages = [m.as_template_input() for m in req.messages]
         job = await server.prepare(req, None, messages, chat=True)
         return await server.respond(job)
+
+    @app.post("/v1/classify")
+    async def classify(req: ClassifyRequest):
+        return await server.classify(req)
 
     return app

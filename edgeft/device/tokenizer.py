@@ -166,6 +166,12 @@ class BundleTokenizer:
         enc = self._tok.encode(text, add_special_tokens=add_special_tokens)
         return enc.ids, [tuple(o) for o in enc.offsets]
 
+    def encode_words(self, words: list[str]) -> tuple[list[int], list[int | None]]:
+        """Ids of text already split into words, and each token's word index (None for special
+        tokens): transformers' ``tokenizer(words, is_split_into_words=True)`` and ``word_ids()``."""
+        enc = self._tok.encode(words, is_pretokenized=True, add_special_tokens=True)
+        return enc.ids, list(enc.word_ids)
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

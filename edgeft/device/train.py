@@ -23,8 +23,9 @@ import numpy as np
 
 from edgeft.bundle import Bundle
 from edgeft.device.adapter import load_adapter, save_adapter
-from edgeft.device.data import Batch, Example, load_examples, make_batches
+from edgeft.device.data import Batch, Example, make_batches
 from edgeft.device.evaluate import mean_loss
+from edgeft.device.labelled import collate_for, examples_for
 from edgeft.device.optim import AdamW, linear_schedule
 from edgeft.device.planner import available_memory_mb, peak_rss_mb, plan
 from edgeft.device.runtime import LoraGraphs, graph_session, training_variants
@@ -32,6 +33,7 @@ from edgeft.device.tokenizer import BundleTokenizer
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_write_json, fsync_dir, fsync_tree, is_disk_full, sha256_file, write_bytes
 from edgeft.profiles import RuntimeSettings, runtime_settings
+from edgeft.tasks import Task
 
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
@@ -80,8 +82,9 @@ def train(cfg: TrainConfig) -> dict:
     bundle = Bundle.open(cfg.bundle, trusted_key=cfg.trusted_key)
     tok = BundleTokenizer.from_dir(bundle.root)
     seq_len = bundle.seq_len(cfg.max_seq_len)
-    examples = load_examples(cfg.data, tok, seq_len, truncate=cfg.truncate)
-    evals = load_examples(cfg.eval_data, tok, seq_len, truncate=cfg.truncate) if cfg.eval_data else None
+    task = Task.of(bundle.manifest)
+    examples = examples_for(task, cfg.data, tok, seq_len, truncate=cfg.truncate)
+    evals = examples_for(task, cfg.eval_data, tok, seq_len, truncate=cfg.truncate) if cfg.eval_data else None
     batch_seq = min(seq_len, max(len(e.input_ids) for e in examples + (evals or [])))
     recompute = check_memory(bundle, cfg.batch_size, batch_seq, settings.memory_budget_mb, cfg.recompute)
     run = _Run(cfg, bundle, tok, examples, settings, recompute)
@@ -162,6 +165,7 @@ class _Run:
         self.cfg, self.bundle, self.examples, self.settings = cfg, bundle, examples, settings
         self.recompute = recompute
         self.pad = tok.pad_token_id
+        self.collate = collate_for(Task.of(bundle.manifest))  # the task's labels and batch shapes
         self.out = Path(cfg.out)
         self.n_batches = math.ceil(len(examples) / cfg.batch_size)
         self.total = cfg.max_steps or max(1, math.ceil((cfg.epochs or 1) * self.n_batches / cfg.grad_accum))
@@ -202,12 +206,17 @@ class _Run:
             lora = load_adapter(start, self.bundle)
         self.lora = {n: np.array(lora[n], np.float32) for n in lora}  # owned here, updated in place
         model = LoraGraphs(self.bundle, graph_session(self.settings.provider, self.settings.threads), self.recompute)
-        before = mean_loss(model, self.lora, evals, self.cfg.batch_size, self.pad)[0] if evals else None
+        before = self._eval_loss(model, evals)
         self._loop(model)
-        after = mean_loss(model, self.lora, evals, self.cfg.batch_size, self.pad)[0] if evals else None
+        after = self._eval_loss(model, evals)
         with _disk_full_is_an_error(self.out / "adapter", "the trained adapter", self.out / CHECKPOINTS):
             save_adapter(self.out / "adapter", self.bundle, self.lora)
         return self._summary(before, after)
+
+    def _eval_loss(self, model: LoraGraphs, evals: list[Example] | None) -> float | None:
+        if not evals:
+            return None
+        return mean_loss(model, self.lora, evals, self.cfg.batch_size, self.pad, self.collate)[0]
 
     def _loop(self, model: LoraGraphs) -> None:
         from tqdm import tqdm
@@ -264,7 +273,7 @@ class _Run:
         if self._batches is None or self._batches[0] != self.pos.epoch:
             self._batches = (
                 self.pos.epoch,
-                make_batches(self.examples, self.cfg.batch_size, self.pad, self.cfg.seed, self.pos.epoch),
+                make_batches(self.examples, self.cfg.batch_size, self.pad, self.cfg.seed, self.pos.epoch, self.collate),
             )
         batch = self._batches[1][self.pos.index]
         self.pos.index += 1

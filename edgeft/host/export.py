@@ -1,4 +1,7 @@
-"""Host stage: Hugging Face causal LM + LoRA (peft) -> ONNX Runtime training bundle.
+"""Host stage: Hugging Face model + LoRA (peft) -> ONNX Runtime training bundle.
+
+A causal LM by default; ``--task seq-cls`` / ``token-cls`` export a classifier whose head is
+trained in full (``edgeft.host.tasks``).
 
 The one public entry is :func:`export_bundle`. Everything runs on the host, which has torch,
 transformers, peft and onnx; the bundle it writes is read on the device without them.
@@ -18,12 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from edgeft import __version__
-from edgeft.bundle import FORMAT_VERSION, GRAPH_INPUTS, MANIFEST, TOKENIZER_FILES, file_table, peft_key
+from edgeft.bundle import FORMAT_VERSION, GRAPH_INPUTS, MANIFEST, TOKENIZER_FILES, file_table, is_head, peft_key
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_write_json, staged_directory
 from edgeft.host.graph import WEIGHTS, externalize
-from edgeft.models import MODEL_TABLE, default_lora_targets
+from edgeft.models import MODEL_TABLE, check_task, default_lora_targets
 from edgeft.signing import load_private_key, sign_bundle
+from edgeft.tasks import CAUSAL_LM, PEFT_TASK_TYPE, Task, check_labels
 
 log = logging.getLogger(__name__)
 TRAINING, EVAL = "training_model.onnx", "eval_model.onnx"
@@ -53,6 +57,12 @@ class ExportConfig:
     quant_block_size: int = 32  # int4 block size along K (MatMulNBits layout)
     recompute: str = "auto"  # "none" | "layers" | "auto" (both training graphs; the device picks)
     quant_compute: str = "int8"  # int4 training matmuls: "int8" | "fp32" (MatMulNBits) | "dequant" (float32)
+    task: str = CAUSAL_LM  # "causal-lm" | "seq-cls" | "token-cls" (edgeft/tasks.py)
+    labels: list[str] | None = None  # the classes of seq-cls / token-cls, in class-id order
+
+    @property
+    def task_spec(self) -> Task:
+        return Task(self.task, tuple(self.labels or ()))
 
 
 def export_bundle(cfg: ExportConfig) -> Path:
@@ -87,8 +97,12 @@ def _check_inputs(cfg: ExportConfig) -> dict:
     if not isinstance(hf_config, dict) or not isinstance(hf_config.get("vocab_size"), int):
         raise EdgeftError(f"{config_path}: not a Hugging Face model config (needs model_type and vocab_size)")
     model_type = hf_config.get("model_type")
+    check_labels(cfg.task, cfg.labels)
+    check_task(model_type, cfg.task)
+    if cfg.task != CAUSAL_LM and cfg.quantize:
+        raise EdgeftError(f"--quantize is for causal-lm bundles, not --task {cfg.task}")
     if cfg.init_adapter is not None:
-        _check_init_adapter(Path(cfg.init_adapter))
+        _check_adapter_task(_check_init_adapter(Path(cfg.init_adapter)), cfg)
     if cfg.target_modules is None and cfg.init_adapter is None:
         default_lora_targets(model_type)  # raises the clear unknown-type error
     if cfg.lora_r < 1 or cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1:
@@ -189,10 +203,13 @@ def dora_for_onnx(stop_gradient: bool):
 def _load_peft_model(cfg: ExportConfig, hf_config: dict):
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model_dir, dtype=torch.float32, attn_implementation="eager")
+    from edgeft.device.tokenizer import BundleTokenizer
+    from edgeft.host.tasks import load_model
+
+    torch.manual_seed(0)  # PEFT's initial A (and a classification head's initial weights)
+    pad = BundleTokenizer.from_dir(cfg.model_dir).pad_token_id if cfg.task != CAUSAL_LM else None
+    model = load_model(Path(cfg.model_dir), cfg.task_spec, hf_config, pad)
     if cfg.init_adapter is not None:
         model = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
         return model, model.peft_config["default"]
@@ -206,7 +223,7 @@ def _load_peft_model(cfg: ExportConfig, hf_config: dict):
         use_dora=cfg.use_dora,
         rank_pattern=dict(cfg.rank_pattern or {}),
         alpha_pattern=dict(cfg.alpha_pattern or {}),
-        task_type="CAUSAL_LM",
+        task_type=PEFT_TASK_TYPE[cfg.task],  # SEQ_CLS / TOKEN_CLS: PEFT trains the head in full
     )
     try:
         peft_model = get_peft_model(model, lora_cfg)
@@ -214,6 +231,18 @@ def _load_peft_model(cfg: ExportConfig, hf_config: dict):
         raise EdgeftError(f"--target-modules {','.join(targets)}: {e}") from None
     _check_pattern_keys(peft_model, lora_cfg)
     return peft_model, lora_cfg
+
+
+def _check_adapter_task(adapter_cfg: dict, cfg: ExportConfig) -> None:
+    """A classifier starts from an adapter made for its task (with its head), and a causal LM never
+    from a classifier's."""
+    got, want = adapter_cfg.get("task_type"), PEFT_TASK_TYPE[cfg.task]
+    classifier_types = set(PEFT_TASK_TYPE.values()) - {PEFT_TASK_TYPE[CAUSAL_LM]}
+    if got != want and (cfg.task != CAUSAL_LM or got in classifier_types):
+        raise EdgeftError(
+            f"{Path(cfg.init_adapter) / 'adapter_config.json'}: task_type {got!r} does not fit --task {cfg.task} "
+            f"(a {want} adapter is needed)"
+        )
 
 
 def _check_init_adapter(path: Path) -> dict:
@@ -273,11 +302,16 @@ def _additive_mask(attention_mask, sliding_window: int | None):
     return zeros.masked_fill(~allowed, torch.finfo(torch.float32).min)
 
 
+def _is_trainable(name: str) -> bool:
+    """LoRA tensors, DoRA magnitudes and a classification head (PEFT's modules_to_save copy)."""
+    return "lora_" in name or is_head(name)
+
+
 def _param_names(peft_model) -> dict[str, str]:
     """ONNX name (PEFT parameter name) -> Hugging Face / PEFT key in the bundle's files."""
     names = {}
     for name, _ in peft_model.named_parameters():
-        if "lora_" in name:
+        if _is_trainable(name):
             names[name] = peft_key(name)
         else:
             names[name] = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
@@ -292,16 +326,20 @@ def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out:
     from edgeft.host.decoder import export_decoders
     from edgeft.host.training import differentiate, trace_loss
 
+    task = cfg.task_spec
     params = {n: p.detach().numpy() for n, p in peft_model.named_parameters()}  # views, no copies
     keys = _param_names(peft_model)
-    trainable = [n for n in params if "lora_" in n]
-    if not trainable:
+    trainable = [n for n in params if _is_trainable(n)]
+    if not any("lora_" in n for n in trainable):
         raise EdgeftError("no LoRA parameters ended up in the graph (check --target-modules)")
+    if task.is_classification and not any(is_head(n) for n in trainable):
+        raise EdgeftError("the classification head is not trainable (PEFT modules_to_save); check --init-adapter")
     work = Path(tempfile.mkdtemp(prefix="edgeft-export-"))
     try:
         window = hf_config.get("sliding_window") if hf_config.get("use_sliding_window", True) else None
         with dora_for_onnx(stop_gradient=True):
-            forward = trace_loss(loss_module(peft_model, window), hf_config["vocab_size"], work)
+            module = _task_loss_module(peft_model, task, hf_config["model_type"], window)
+            forward = trace_loss(module, hf_config["vocab_size"], work, task.type, len(task.labels))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _check_graph_inputs(forward, params, trainable)
@@ -336,10 +374,14 @@ def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out:
         if name != "eval":
             graphs[name]["gradients"] = {n: f"{n}_grad" for n in graphs[name]["inputs"] if n in trainable}
             graphs[name]["recompute"] = file == TRAINING_RECOMPUTE or cfg.recompute == "layers"
-    with dora_for_onnx(stop_gradient=False):
-        graphs.update(export_decoders(peft_model, hf_config, file_keys, ranges, out, quant))
+    if not task.is_classification:  # classifiers are served by their eval graph (logits), not a decoder
+        with dora_for_onnx(stop_gradient=False):
+            graphs.update(export_decoders(peft_model, hf_config, file_keys, ranges, out, quant))
     _write_init_adapter(peft_model, lora_cfg, {n: params[n] for n in trainable}, keys, out / "adapter")
     _copy_tokenizer(Path(cfg.model_dir), out)
+    if task.is_classification:  # the labels and pad id go with the model, as transformers saves them
+        model = peft_model.base_model.model
+        atomic_write_json(out / "config.json", {**hf_config, **_head_fields(model)})
     manifest = _manifest(cfg, lora_cfg, hf_config, keys, params, frozen, trainable, graphs, quant, out)
     manifest["lora"]["scaling"] = dict(sorted(lora_scaling(peft_model).items()))
     atomic_write_json(out / MANIFEST, manifest)
@@ -357,10 +399,32 @@ def _training_graphs(recompute: str, training, evaluation) -> list[tuple]:
         variant = type(training)()
         variant.CopyFrom(training)
         if not recompute_layers(variant.graph):
-            raise EdgeftError("--recompute: found no decoder layers to recompute in this model's training graph")
+            if recompute == "auto":  # nothing to recompute in this architecture: the plain graph alone
+                return graphs
+            raise EdgeftError("--recompute layers: found no layers to recompute in this model's training graph")
         name = "training" if recompute == "layers" else "training_recompute"
         graphs.append((name, variant, TRAINING if recompute == "layers" else TRAINING_RECOMPUTE))
     return graphs
+
+
+def _task_loss_module(peft_model, task: Task, model_type: str, window: int | None):
+    if not task.is_classification:
+        return loss_module(peft_model, window)
+    from edgeft.host.tasks import classification_loss_module
+
+    return classification_loss_module(peft_model, task, model_type, window)
+
+
+def _head_fields(model) -> dict:
+    config = model.config
+    fields = {
+        "architectures": [type(model).__name__],  # e.g. BertForSequenceClassification
+        "id2label": {str(k): v for k, v in config.id2label.items()},
+        "label2id": dict(config.label2id),
+    }
+    if config.pad_token_id is not None:
+        fields["pad_token_id"] = config.pad_token_id
+    return fields
 
 
 def _check_graph_inputs(forward, params: dict, trainable: list[str]) -> None:
@@ -431,7 +495,10 @@ def _manifest(cfg, lora_cfg, hf_config, keys, params, frozen, trainable, graphs,
     tok_cfg = (
         json.loads((out / "tokenizer_config.json").read_text()) if (out / "tokenizer_config.json").is_file() else {}
     )
-    parameters = [{"onnx": n, "key": keys[n], "shape": list(params[n].shape), "trainable": True} for n in trainable] + [
+    parameters = [
+        {"onnx": n, "key": keys[n], "shape": list(params[n].shape), "trainable": True, **_head_flag(n)}
+        for n in trainable
+    ] + [
         {"onnx": n, "key": keys[n], "shape": list(params[n].shape), "trainable": False}
         for n in frozen
         if n not in quant
@@ -466,10 +533,18 @@ def _manifest(cfg, lora_cfg, hf_config, keys, params, frozen, trainable, graphs,
             "chat_template": bool(tok_cfg.get("chat_template")),
         },
     }
+    if cfg.task != CAUSAL_LM:
+        manifest["task"] = {"type": cfg.task, "labels": list(cfg.labels)}
     if quant:
         _add_quantization(manifest, cfg, quant)
     manifest["files"] = file_table(out)
     return manifest
+
+
+def _head_flag(name: str) -> dict:
+    # A property devices from before classification do not know: their schema check refuses the
+    # bundle (parameters[] items allow no extra properties) instead of misreading it.
+    return {"head": True} if is_head(name) else {}
 
 
 def _add_quantization(manifest: dict, cfg: ExportConfig, quant: dict) -> None:

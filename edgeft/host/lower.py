@@ -106,17 +106,30 @@ def _slice_grad(node, b: Builder, const) -> None:
 
 @rule("GatherGrad")
 def _gather_grad(node, b: Builder, const) -> None:
-    """dX = zeros(shape) with dY added at the gathered rows (ScatterND, reduction add)."""
+    """dX = zeros(shape) with dY added at the gathered rows (ScatterND, reduction add); along
+    another axis (BERT's pooler takes token 0 on axis 1), ScatterElements with reduction add."""
     shape, indices, dy = node.input
-    if attr(node, "axis", 0) != 0:
-        raise LoweringError(f"GatherGrad {node.name}: only axis 0 is supported")
+    axis = attr(node, "axis", 0)
     indices = b.op("Cast", [indices], to=7)
-    first = b.op("Gather", [shape, b.const(0, np.int64)], axis=0)
+    first = b.op("Gather", [shape, b.const(axis, np.int64)], axis=0)
     neg = b.op("Less", [indices, b.const(0, np.int64)])
     indices = b.op("Where", [neg, b.op("Add", [indices, first]), indices])
     zeros = b.op("ConstantOfShape", [shape], value=_tensor(np.zeros(1, np.float32)))
-    rows = b.op("Unsqueeze", [indices, b.const([-1], np.int64)])
-    b.op("ScatterND", [zeros, rows, dy], [node.output[0]], reduction="add")
+    if axis == 0:
+        rows = b.op("Unsqueeze", [indices, b.const([-1], np.int64)])
+        b.op("ScatterND", [zeros, rows, dy], [node.output[0]], reduction="add")
+        return
+    # dY is shape[:axis] + indices.shape + shape[axis + 1:]: flatten the indices' dims into one,
+    # broadcast the indices to that shape and scatter-add along the axis.
+    before = b.op("Slice", [shape, b.const([0], np.int64), b.const([axis], np.int64)])
+    after_start = axis + 1 if axis != -1 else np.iinfo(np.int64).max
+    after = b.op("Slice", [shape, b.const([after_start], np.int64), b.const([np.iinfo(np.int64).max], np.int64)])
+    minus_one = b.const([-1], np.int64)
+    updates = b.op("Reshape", [dy, b.op("Concat", [before, minus_one, after], axis=0)])
+    ones = [b.op("Add", [b.op("Mul", [d, b.const(0, np.int64)]), b.const(1, np.int64)]) for d in (before, after)]
+    flat = b.op("Reshape", [indices, b.op("Concat", [ones[0], minus_one, ones[1]], axis=0)])
+    where = b.op("Expand", [flat, b.op("Shape", [updates])])
+    b.op("ScatterElements", [zeros, where, updates], [node.output[0]], axis=axis, reduction="add")
 
 
 @rule("SoftmaxGrad_13")
@@ -167,6 +180,47 @@ def _rms_norm_grad(node, b: Builder, const) -> None:
         rows = b.op("Concat", [b.const([-1], np.int64), b.op("Shape", [scale])], axis=0)
         flat = b.op("Reshape", [b.op("Mul", [dy, x_hat]), rows])
         b.op("ReduceSum", [flat, b.const([0], np.int64)], [node.output[1]], keepdims=0)
+
+
+@rule("LayerNormalizationGrad")
+def _layer_norm_grad(node, b: Builder, const) -> None:
+    """LayerNorm backward with r = inv_std, x̂ = (x - mean) r, g = dY w:
+    dX = r (g - mean(g) - x̂ mean(g x̂)), dW = sum over rows of dY x̂, dB = sum over rows of dY."""
+    dy, x, scale, mean, inv_std = node.input[:5]
+    if attr(node, "axis", -1) != -1:
+        raise LoweringError(f"LayerNormalizationGrad {node.name}: only axis -1 is supported")
+    x_hat = b.op("Mul", [b.op("Sub", [x, mean]), inv_std])
+    if _out(node, 0):
+        g = b.op("Mul", [dy, scale])
+        mean_g = b.op("ReduceMean", [g], axes=[-1], keepdims=1)
+        mean_gx = b.op("ReduceMean", [b.op("Mul", [g, x_hat])], axes=[-1], keepdims=1)
+        centered = b.op("Sub", [b.op("Sub", [g, mean_g]), b.op("Mul", [x_hat, mean_gx])])
+        b.op("Mul", [inv_std, centered], [node.output[0]])
+    rows = None
+    for i, term in ((1, lambda: b.op("Mul", [dy, x_hat])), (2, lambda: dy)):
+        if _out(node, i):
+            rows = rows or b.op("Concat", [b.const([-1], np.int64), b.op("Shape", [scale])], axis=0)
+            flat = b.op("Reshape", [term(), rows])
+            b.op("ReduceSum", [flat, b.const([0], np.int64)], [node.output[i]], keepdims=0)
+
+
+@rule("GeluGrad")
+def _gelu_grad(node, b: Builder, const) -> None:
+    """d/dx x·Φ(x) = Φ(x) + x·φ(x), Φ(x) = (1 + erf(x/√2)) / 2, φ(x) = exp(-x²/2) / √(2π) (exact, erf GELU)."""
+    dy, x = node.input[:2]
+    f32 = np.float32
+    erf = b.op("Erf", [b.op("Mul", [x, b.const(0.5**0.5, f32)])])
+    cdf = b.op("Mul", [b.op("Add", [erf, b.const(1.0, f32)]), b.const(0.5, f32)])
+    gauss = b.op("Exp", [b.op("Mul", [b.op("Mul", [x, x]), b.const(-0.5, f32)])])
+    pdf = b.op("Mul", [gauss, b.const((2 * np.pi) ** -0.5, f32)])
+    b.op("Mul", [dy, b.op("Add", [cdf, b.op("Mul", [x, pdf])])], [node.output[0]])
+
+
+@rule("TanhGrad")
+def _tanh_grad(node, b: Builder, const) -> None:
+    """dX = dY · (1 - Y²), Y = tanh(X) (BERT's pooler)."""
+    dy, y = node.input[:2]
+    b.op("Mul", [dy, b.op("Sub", [b.const(1.0, np.float32), b.op("Mul", [y, y])])], [node.output[0]])
 
 
 @rule("QuickGeluGrad")

@@ -21,7 +21,7 @@ from collections import defaultdict
 
 from edgeft.host.graph import producers, set_nodes
 
-LAYER = re.compile(r"^/model/layers\.(\d+)/")
+LAYER = re.compile(r"^/(?:[^/]+/)*?layers?\.(\d+)/")  # the exporter's scopes: /model/layers.3/, /bert/encoder/layer.3/
 SUFFIX = "/rc"
 KEEP_OPS = {"Dropout"}  # random: recomputing would draw another mask
 

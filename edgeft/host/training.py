@@ -20,6 +20,7 @@ from pathlib import Path
 from edgeft.bundle import GRAPH_INPUTS
 from edgeft.host.graph import prune_opsets, remove_dead_nodes, strip_prefix
 from edgeft.host.lower import lower
+from edgeft.tasks import CAUSAL_LM, SEQ_CLS
 
 OPSET = 17
 PREFIX = "peft."  # the wrapper modules hold the PEFT model as attribute ``peft``
@@ -55,15 +56,23 @@ def trace(module, args: tuple, path: Path, input_names: list[str], output_names:
     return model
 
 
-def trace_loss(loss_module, vocab_size: int, work: Path):
-    """The forward graph: (input_ids, attention_mask, labels, num_loss_tokens, *weights) -> loss."""
+def trace_loss(loss_module, vocab_size: int, work: Path, task: str = CAUSAL_LM, num_labels: int = 0):
+    """The forward graph: (input_ids, attention_mask, labels, num_loss_tokens, *weights) -> loss
+    (causal-lm), or -> (loss, logits) for classification, whose ``labels`` are class ids: one per
+    row for seq-cls ([batch]), one per token for token-cls ([batch, seq])."""
     import torch
 
     loss_module.train()  # PEFT's LoRA dropout stays a training-mode Dropout node
     ids = torch.randint(0, vocab_size, (2, 8))
-    args = (ids, torch.ones_like(ids), ids.clone(), torch.tensor(14.0))
+    labels, outputs = ids.clone(), ["loss"]
     dynamic = {n: {0: "batch", 1: "seq"} for n in GRAPH_INPUTS[:3]}
-    return trace(loss_module, args, work / "forward.onnx", list(GRAPH_INPUTS), ["loss"], dynamic)
+    if task != CAUSAL_LM:
+        labels = torch.randint(0, num_labels, (2,) if task == SEQ_CLS else (2, 8))
+        outputs = ["loss", "logits"]
+        if task == SEQ_CLS:
+            dynamic["labels"] = {0: "batch"}
+    args = (ids, torch.ones_like(ids), labels, torch.tensor(14.0))
+    return trace(loss_module, args, work / "forward.onnx", list(GRAPH_INPUTS), outputs, dynamic)
 
 
 def differentiate(forward, trainable: list[str]):
@@ -73,6 +82,7 @@ def differentiate(forward, trainable: list[str]):
     from onnxruntime.training.onnxblock._training_graph_utils import build_gradient_graph
 
     forward = onnx.shape_inference.infer_shapes(forward)  # static shapes: no BroadcastGradientArgs
+    _layer_norm_statistics(forward.graph)
     with native_stderr_to_log():
         training, evaluation = build_gradient_graph(forward, set(trainable), set(), "loss")
     lower(training)
@@ -80,6 +90,15 @@ def differentiate(forward, trainable: list[str]):
         remove_dead_nodes(model.graph)  # e.g. the builder's gradients of frozen norm weights
         prune_opsets(model)
     return training, evaluation
+
+
+def _layer_norm_statistics(graph) -> None:
+    """Name LayerNormalization's optional Mean and InvStdDev outputs (the TorchScript exporter
+    leaves them out): ORT's gradient builder reads them and fails on a node without them. BERT
+    has LayerNorm; the decoders' RMSNorm is another op."""
+    for node in graph.node:
+        if node.op_type == "LayerNormalization" and node.domain in ("", "ai.onnx") and len(node.output) == 1:
+            node.output.extend([f"{node.output[0]}_mean", f"{node.output[0]}_inv_std"])
 
 
 @contextlib.contextmanager
