@@ -139,6 +139,13 @@ def test_quick_gelu_grad(alpha):
     _check(_model([grad], {"x": x, "dy": dy}, ["dx"]), {"x": x, "dy": dy})
 
 
+def test_tanh_grad():
+    x, dy = randn(3, 10) * 2, randn(3, 10)
+    fwd = helper.make_node("Tanh", ["x"], ["y"])
+    grad = helper.make_node("TanhGrad", ["dy", "y"], ["dx"], domain=MS)
+    _check(_model([fwd, grad], {"x": x, "dy": dy}, ["dx"]), {"x": x, "dy": dy})
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_dropout_grad(training):
     dy, mask = randn(4, 9), rng.random((4, 9)) > 0.3

@@ -181,6 +181,15 @@ def _quick_gelu_grad(node, b: Builder, const) -> None:
     b.op("Mul", [dy, slope], [node.output[0]])
 
 
+@rule("TanhGrad")
+def _tanh_grad(node, b: Builder, const) -> None:
+    """dX = dY · (1 - Y²) with Y = tanh(X); inputs (dY, Y). Gemma's gelu_pytorch_tanh and
+    logit soft-capping bring it."""
+    dy, y = node.input[:2]
+    slope = b.op("Sub", [b.const(1.0, np.float32), b.op("Mul", [y, y])])
+    b.op("Mul", [dy, slope], [node.output[0]])
+
+
 @rule("DropoutGrad")
 def _dropout_grad(node, b: Builder, const) -> None:
     """dX = dY · mask / (1 - ratio), as ORT's kernel computes it (training_mode is not read)."""
