@@ -23,6 +23,9 @@ class ModelFacts:
     # Activation memory kept for backward, relative to llama's layout (measured, edgeft/device/planner.py):
     # phi3's fused qkv_proj / gate_up_proj keep their split halves as extra tensors.
     train_activation_factor: float = 1.0
+    # tie_word_embeddings when config.json leaves it out (the config class's default; the planner
+    # reads config.json without transformers).
+    tied_default: bool = False
 
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -32,7 +35,7 @@ MODEL_TABLE: dict[str, ModelFacts] = {
     "qwen2": ModelFacts(ATTENTION, windows=LAYER_TYPES),  # qkv biases
     "qwen3": ModelFacts(ATTENTION, windows=LAYER_TYPES),  # per-head q/k RMSNorm
     "phi3": ModelFacts(("qkv_proj", "o_proj"), windows=ONE_WINDOW, train_activation_factor=1.60),
-    "gemma3_text": ModelFacts(ATTENTION, windows=LAYER_TYPES),  # Gemma-3 text models (1B; the 4B+ text stack)
+    "gemma3_text": ModelFacts(ATTENTION, windows=LAYER_TYPES, tied_default=True),  # Gemma-3 text (1B)
 }
 
 # Rope variants whose frequencies a traced graph reproduces: fixed at load (default, linear, llama3,
