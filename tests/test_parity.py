@@ -104,7 +104,7 @@ def test_raw_gradients_match_torch_peft(factory, tmp_path, model_type, variant):
         assert max_relative_error(grads[name], want) <= GRAD_TOL, name
 
 
-@pytest.mark.parametrize("model_type", ["llama", "phi3"])
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_training_steps_match_torch_adamw(factory, tmp_path, model_type):
     """3 optimizer steps (grad accumulation 2, warm-up, decay, clipping) vs torch.optim.AdamW.
 
