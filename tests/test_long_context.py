@@ -1,8 +1,8 @@
 """Every model type beyond its attention window and rope switch point.
 
-The tiny models (edgeft/host/tiny.py FEATURES) have 16-token sliding windows (mistral on every
-layer, qwen2 on its upper layer, gemma3 on its local layers) and a longrope switch at 32 tokens
-(phi3); the batches and prompts here run to 40-90 tokens. Eval loss and raw LoRA gradients vs
+The tiny models (edgeft/host/tiny.py FEATURES) have 16-token sliding windows (mistral and phi3 on
+every layer, qwen2 on its upper layer, gemma3 on its local layers) and a longrope switch at 32
+tokens (phi3); the batches and prompts here run to 40-90 tokens. Eval loss and raw LoRA gradients vs
 torch + PEFT, greedy tokens vs transformers generate with and without its cache. Each case also
 proves that its feature changes the reference at these lengths: a parity test that would pass
 with the window or the rope variant switched off proves nothing.
@@ -48,20 +48,20 @@ def _longrope_without(config: dict, side: str) -> dict:
     return {"rope_scaling": scaling}
 
 
-# Config overrides that switch each type's feature off; the torch reference must then change.
+# Config overrides that switch each of a type's features off; the torch reference must then change.
 WITHOUT = {
-    "llama": lambda c: {"rope_scaling": None},  # llama3 scaling
-    "mistral": lambda c: {"sliding_window": None},
-    "qwen2": lambda c: {"layer_types": ["full_attention"] * c["num_hidden_layers"]},
-    "phi3": lambda c: _longrope_without(c, "long_factor"),  # long sequences use the long factors
-    "qwen3": lambda c: {"rope_scaling": None},  # yarn
-    "gemma3_text": lambda c: {"layer_types": ["full_attention"] * c["num_hidden_layers"]},
+    "llama": [lambda c: {"rope_scaling": None}],  # llama3 scaling
+    "mistral": [lambda c: {"sliding_window": None}],
+    "qwen2": [lambda c: {"layer_types": ["full_attention"] * c["num_hidden_layers"]}],
+    "phi3": [lambda c: _longrope_without(c, "long_factor"), lambda c: {"sliding_window": None}],
+    "qwen3": [lambda c: {"rope_scaling": None}],  # yarn
+    "gemma3_text": [lambda c: {"layer_types": ["full_attention"] * c["num_hidden_layers"]}],
 }
 
 
 @pytest.fixture(scope="module")
 def long_data(tmp_path_factory):
-    """Text samples of 8-60 words: after tokenization ~15-90 tokens, the shortest inside a window."""
+    """Text samples of 8-60 words: 13-89 tokens with the tiny tokenizer, the shortest inside a window."""
     words = (DATA / "corpus.txt").read_text().split()
     rng = random.Random(0)
     path = tmp_path_factory.mktemp("long") / "long.jsonl"
@@ -104,9 +104,11 @@ def test_long_batch_loss_and_gradients_match_torch_peft(factory, tmp_path, long_
     for name, want in ref_grads.items():
         assert max_relative_error(grads[name], want) <= GRAD_TOL, name
     config = json.loads((model_dir / "config.json").read_text())
-    effect = abs(_torch_loss(model_dir, adapter, batch, **WITHOUT[model_type](config)) - ref)
-    print(f"{model_type}: loss {ref:.6f}, feature off moves it by {effect:.2e}")
-    assert effect > FEATURE_EFFECT
+    for without in WITHOUT[model_type]:
+        overrides = without(config)
+        effect = abs(_torch_loss(model_dir, adapter, batch, **overrides) - ref)
+        print(f"{model_type}: loss {ref:.6f}, {', '.join(overrides)} off moves it by {effect:.2e}")
+        assert effect > FEATURE_EFFECT, overrides
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)

@@ -50,11 +50,13 @@ FEATURES = {
     # Qwen2/2.5: qkv biases (always), tied embeddings, and use_sliding_window with max_window_layers:
     # layer 0 full attention, layer 1 a 16-token window.
     "qwen2": dict(tie_word_embeddings=True, use_sliding_window=True, sliding_window=16, max_window_layers=1),
-    # Phi-3.5/4-mini: longrope short/long factors switching past 32 tokens, partial rotary (3/4 of the head).
+    # Phi-3.5/4-mini: longrope short/long factors switching past 32 tokens, partial rotary (3/4 of
+    # the head); Phi-3's sliding window on every layer.
     "phi3": dict(
         rope_scaling={"type": "longrope", "short_factor": _LONGROPE_SHORT, "long_factor": _LONGROPE_LONG},
         original_max_position_embeddings=32,
         partial_rotary_factor=0.75,
+        sliding_window=16,
     ),
     # Qwen3-0.6B/1.7B: per-head q/k RMSNorm, head_dim wider than hidden / heads, tied embeddings;
     # yarn rope scaling as Qwen3's long-context recipe adds it.
