@@ -61,7 +61,7 @@ class Decoder:
         self._bound: tuple[str, dict] | None = None  # (adapter name, its arrays) bound right now
         self._lora_values: dict[str, tuple[dict, dict]] = {}  # name -> (arrays, OrtValues over them)
         self.lora_inputs = graph["lora_inputs"]
-        # Longrope (phi3): past this length every position takes the long rope factors (SPEC 3d).
+        # Longrope (phi3): past this length every position takes the long rope factors (SPEC section 3b).
         self.recompute_beyond = graph.get("recompute_cache_beyond")
         self.past_names = [n for n in graph["inputs"] if n.startswith("past_key_values.")]
         self.output_names = graph["outputs"]

@@ -377,7 +377,7 @@ def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out:
     with dora_for_onnx(stop_gradient=False), longrope_for_onnx(peft_model):
         graphs.update(export_decoders(peft_model, hf_config, file_keys, ranges, out, quant))
     switch = rope_switch(peft_model.base_model.model.config.to_dict())
-    if switch is not None:  # the device decoder's part of longrope (SPEC section 3d)
+    if switch is not None:  # the device decoder's part of longrope (SPEC section 3b)
         graphs["decoder_lora"]["recompute_cache_beyond"] = switch
     _write_init_adapter(peft_model, lora_cfg, {n: params[n] for n in trainable}, keys, out / "adapter")
     _copy_tokenizer(Path(cfg.model_dir), out)
