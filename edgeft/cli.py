@@ -332,19 +332,44 @@ def devices_check(profile, as_json):
 
 
 @main.command()
-@click.argument("bundle", type=PathArg)
+@click.argument("path", metavar="BUNDLE|MODEL_DIR", type=PathArg)
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-seq-len", type=click.IntRange(min=2), help="Default: the bundle's.")
+@click.option(
+    "--max-seq-len", type=click.IntRange(min=2), help="Default: the bundle's; for a model, the profile's, else 512."
+)
 @click.option(
     "--json", "as_json", is_flag=True, help='Print {"train_peak_mb": ..., "serve_peak_mb": ...} and the parts.'
 )
+@PROFILE
+@click.option(
+    "--memory-budget",
+    "memory_budget_mb",
+    type=click.FloatRange(min=1),
+    help="MB to plan against [default: the profile's ram_budget_mb, else this machine's available memory].",
+)
+@click.option("--lora-r", default=8, show_default=True, type=click.IntRange(min=1), help="MODEL_DIR: LoRA rank.")
+@click.option("--quant-block-size", default=32, show_default=True, type=int, help="MODEL_DIR: int4 block size.")
 @TRUSTED_KEY
-def plan(bundle, batch_size, max_seq_len, as_json, trusted_key):
-    """(device) Estimate peak memory of training and of serving BUNDLE on this machine."""
+def plan(path, batch_size, max_seq_len, as_json, profile, memory_budget_mb, lora_r, quant_block_size, trusted_key):
+    """(device) Estimate peak memory of training and serving: a BUNDLE on this machine, or a
+    Hugging Face MODEL_DIR before export, for each precision and recompute setting against a budget."""
+    from edgeft.bundle import MANIFEST
+
+    if not (path / MANIFEST).is_file() and (path / "config.json").is_file():
+        from edgeft.device.planner import plan_model_dir
+
+        click.echo(
+            plan_model_dir(path, batch_size, max_seq_len, profile, memory_budget_mb, lora_r, quant_block_size, as_json)
+        )
+        return
     from edgeft.bundle import Bundle
     from edgeft.device.planner import plan as make_plan
 
-    result = make_plan(Bundle.open(bundle, trusted_key=trusted_key), batch_size, max_seq_len).as_dict()
+    result = make_plan(Bundle.open(path, trusted_key=trusted_key), batch_size, max_seq_len).as_dict()
+    budget = _plan_budget(profile, memory_budget_mb)
+    if budget is not None:
+        result["budget_mb"] = budget
+        result["fits"] = max(result["train_peak_mb"], result["serve_peak_mb"]) <= budget
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -355,6 +380,16 @@ def plan(bundle, batch_size, max_seq_len, as_json, trusted_key):
     click.echo(f"serving   (one request of {result['max_seq_len']} tokens):  {result['serve_peak_mb']:.0f} MB peak")
     parts = ("runtime_mb", "weights_mb", "lora_state_mb", "train_activations_mb", "kv_cache_mb")
     click.echo("  " + ", ".join(f"{k.removesuffix('_mb')} {result[k]:.0f} MB" for k in parts))
+    if budget is not None:
+        click.echo(f"budget    {budget:.0f} MB: {'fits' if result['fits'] else 'does not fit'}")
+
+
+def _plan_budget(profile: str | None, memory_budget_mb: float | None) -> float | None:
+    if memory_budget_mb is not None or profile is None:
+        return memory_budget_mb
+    from edgeft.profiles import load_profile
+
+    return float(load_profile(profile).ram_budget_mb)
 
 
 @main.group()

@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny random models of each supported type, exported once per test session."""
+"""Shared fixtures: tiny random models of each supported type, exported once per test session.
+
+The tiny models carry their family's features (edgeft/host/tiny.py FEATURES): llama3 rope scaling,
+sliding windows of 16 tokens (mistral, qwen2's upper layer, gemma3's local layers), phi3 longrope
+switching at 32 tokens with partial rotary, qwen3 q/k norms and yarn, gemma3's norms and scalars."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "examples" / "data"
-MODEL_TYPES = ["llama", "mistral", "qwen2", "phi3"]
+MODEL_TYPES = ["llama", "mistral", "qwen2", "phi3", "qwen3", "gemma3_text"]
 INTENTS = ["status", "restart", "order_part", "report_fault", "schedule_visit", "weather"]  # examples/data/intents-*
 TAGS = ["O", "B-PART", "I-PART", "B-LOC", "I-LOC"]  # examples/data/tags-*
 
@@ -28,7 +32,7 @@ class _Factory:
         if key not in self.cache:
             from edgeft.host.tiny import make_tiny_model
 
-            self.cache[key] = make_tiny_model(model_type, self.root / f"model-{model_type}", size="tiny")
+            self.cache[key] = make_tiny_model(model_type, self.root / f"model-{model_type}", size="tiny", features=True)
         return self.cache[key]
 
     def bundle(self, model_type: str, **options) -> Path:

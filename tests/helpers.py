@@ -38,12 +38,15 @@ def make_peft_adapter(model_dir: Path, out: Path, r=8, alpha=16, targets=None, s
     return out
 
 
-def torch_peft_model(model_dir: Path, adapter_dir: Path, trainable: bool = False):
+def torch_peft_model(model_dir: Path, adapter_dir: Path, trainable: bool = False, **config_overrides):
+    """PEFT model in eager attention; ``config_overrides`` are set on the loaded config."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    base = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager", **config_overrides
+    )
     return PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable)
 
 

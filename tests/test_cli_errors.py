@@ -128,7 +128,28 @@ def export_unsupported_model_type(env: Env) -> Case:
     cfg["model_type"] = "gpt2"
     (model / "config.json").write_text(json.dumps(cfg))
     out = env.tmp / "out"
-    return Case(["export", model, "--out", out], ["gpt2", "llama, mistral, phi3, qwen2", "--target-modules"], out)
+    return Case(["export", model, "--out", out], ["gpt2", "gemma3_text, llama, mistral, phi3, qwen2, qwen3"], out)
+
+
+def export_unsupported_model_type_with_targets(env: Env) -> Case:
+    """--target-modules does not let an unchecked architecture through (its masks, rope and norms
+    could diverge from transformers silently)."""
+    model = env.copy_model()
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["model_type"] = "gpt2"
+    (model / "config.json").write_text(json.dumps(cfg))
+    out = env.tmp / "out"
+    return Case(["export", model, "--out", out, "--target-modules", "q_proj"], ["gpt2", "not supported"], out)
+
+
+def export_dynamic_rope(env: Env) -> Case:
+    """NTK "dynamic" rope rescales on the longest sequence seen so far: no graph can reproduce it."""
+    model = env.copy_model()
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["rope_scaling"] = {"rope_type": "dynamic", "factor": 2.0}
+    (model / "config.json").write_text(json.dumps(cfg))
+    out = env.tmp / "out"
+    return Case(["export", model, "--out", out], ["rope_scaling", "'dynamic'", "llama3", "longrope"], out)
 
 
 def export_target_modules_match_nothing(env: Env) -> Case:
@@ -487,6 +508,8 @@ CASES = [
     # export
     pytest.param(export_missing_model_dir, id="export-model-dir-missing"),
     pytest.param(export_unsupported_model_type, id="export-unsupported-model-type"),
+    pytest.param(export_unsupported_model_type_with_targets, id="export-unsupported-model-type-with-targets"),
+    pytest.param(export_dynamic_rope, id="export-dynamic-rope"),
     pytest.param(export_target_modules_match_nothing, id="export-target-modules-match-nothing"),
     pytest.param(export_out_exists, id="export-out-exists"),
     pytest.param(export_init_adapter_without_config, id="export-init-adapter-no-config"),

@@ -25,7 +25,7 @@ from edgeft.bundle import Bundle
 from edgeft.device.adapter import load_adapter
 from edgeft.device.runtime import LoraGraphs
 
-GRAD_TOL = 1e-4  # per tensor, max |Δ| / max |torch grad| (measured: <= 2e-6 on every type and variant)
+GRAD_TOL = 1e-4  # per tensor, max |Δ| / max |torch grad| (measured: <= 3e-6 on every type and variant)
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
@@ -104,11 +104,11 @@ def test_raw_gradients_match_torch_peft(factory, tmp_path, model_type, variant):
         assert max_relative_error(grads[name], want) <= GRAD_TOL, name
 
 
-@pytest.mark.parametrize("model_type", ["llama", "phi3"])
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_training_steps_match_torch_adamw(factory, tmp_path, model_type):
     """3 optimizer steps (grad accumulation 2, warm-up, decay, clipping) vs torch.optim.AdamW.
 
-    Tolerance: max |Δ| ≤ 1e-6 on LoRA weights after 3 steps at lr 1e-3 (measured: ~1e-7; one
+    Tolerance: max |Δ| ≤ 1e-6 on LoRA weights after 3 steps at lr 1e-3 (measured: 3e-8 to 3e-7; one
     step moves weights by ~1e-3).
     """
     from safetensors.numpy import load_file

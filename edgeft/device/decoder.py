@@ -61,6 +61,8 @@ class Decoder:
         self._bound: tuple[str, dict] | None = None  # (adapter name, its arrays) bound right now
         self._lora_values: dict[str, tuple[dict, dict]] = {}  # name -> (arrays, OrtValues over them)
         self.lora_inputs = graph["lora_inputs"]
+        # Longrope (phi3): past this length every position takes the long rope factors (SPEC section 3b).
+        self.recompute_beyond = graph.get("recompute_cache_beyond")
         self.past_names = [n for n in graph["inputs"] if n.startswith("past_key_values.")]
         self.output_names = graph["outputs"]
         self.kv_shape = self._kv_shape()
@@ -157,22 +159,32 @@ class Decoder:
         if adapter not in self.adapters:
             raise EdgeftError(f"unknown adapter {adapter!r} (loaded: {', '.join(self.adapters)})")
         rng = np.random.default_rng(sampling.seed)
-        ids = np.array([prompt], np.int64)
-        positions = np.arange(len(prompt), dtype=np.int64)[None]
+        tokens = list(prompt)
+        ids = np.array([tokens], np.int64)
         past = self.empty_past()
-        total = len(prompt)
         try:
             for _ in range(sampling.max_new_tokens):
+                total = len(tokens)
+                if self._recompute(total - ids.shape[1], total):
+                    ids, past = np.array([tokens], np.int64), self.empty_past()
+                positions = np.arange(total - ids.shape[1], total, dtype=np.int64)[None]
                 logits, past = self.step(ids, np.ones((1, total), np.int64), positions, past, adapter)
                 token = sample(logits[0, -1], sampling, rng)
                 yield token
                 if token in stop_ids:
                     return
+                tokens.append(token)
                 ids = np.array([[token]], np.int64)
-                positions = np.array([[total]], np.int64)
-                total += 1
         finally:
             self._release()
+
+    def _recompute(self, cached: int, total: int) -> bool:
+        """Whether this step must run the whole sequence without the cache: a longrope model's
+        cached keys were rotated with the short factors, and from here on every position takes the
+        long ones. (transformers 4.57's Phi3 generate drops its cache here too, but re-runs the
+        sequence without a causal mask, a bug; this equals its forward without a cache.)"""
+        limit = self.recompute_beyond
+        return limit is not None and 0 < cached <= limit < total
 
 
 def sample(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:

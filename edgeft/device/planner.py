@@ -9,6 +9,11 @@ rows are mostly never read, so never resident); the same 36 with layer recomputa
 but that one (+13 %); 6 serving runs within ±16 %.
 The interpreter and runtime libraries are measured, not assumed: the planner reads its own
 resident memory after importing the runtime that will run the job.
+
+``plan_model`` plans before any export, from a Hugging Face ``config.json`` alone: the same
+formulas over the shapes the config implies, for each precision (fp32, int8, int4) and recompute
+setting, against a device's memory budget. There the runtime is the device's, not this process's
+(DEVICE_RUNTIME_MB).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from edgeft.bundle import Bundle
-from edgeft.models import MODEL_TABLE
+from edgeft.errors import EdgeftError
+from edgeft.models import MODEL_TABLE, model_facts
 from edgeft.tasks import Task
 
 MB = 1 << 20
@@ -42,6 +48,11 @@ SERVE_OVERHEAD_MB = 19.0
 SERVE_LINEAR_COPY = 0.4
 SERVE_PREFILL_VOCAB, SERVE_PREFILL_ATTENTION, SERVE_PREFILL_LAYER = 1.5, 2.0, 4.0
 SERVE_KV_COPIES = 2  # the cache fed in and the grown cache coming out
+# Planning for another machine: Python + numpy + tokenizers + onnxruntime imported, measured in the
+# torch-free device venv (x86_64 Linux: 54 MB with onnxruntime 1.32, 44 MB with 1.20).
+DEVICE_RUNTIME_MB = 54.0
+PRECISIONS = ("fp32", "int8", "int4")
+RECOMPUTE = ("none", "layers")
 
 
 @dataclass
@@ -70,16 +81,19 @@ class _Shape:
     heads: int
     kv_heads: int
     head_dim: int
-    vocab: int
+    vocab: int  # width of the logits: the vocabulary, or a classifier's number of labels
     activation_factor: float  # per model type, edgeft/models.py
     recompute_factor: float
 
     @classmethod
     def of(cls, bundle: Bundle) -> _Shape:
-        c = json.loads(bundle.path("config.json").read_text())
+        labels = Task.of(bundle.manifest).labels
+        return cls.from_config(json.loads(bundle.path("config.json").read_text()), len(labels) if labels else None)
+
+    @classmethod
+    def from_config(cls, c: dict, logits: int | None = None) -> _Shape:
         heads = c["num_attention_heads"]
         facts = MODEL_TABLE.get(c.get("model_type"))
-        labels = Task.of(bundle.manifest).labels  # a classifier's logits are this wide, not the vocabulary
         return cls(
             c["hidden_size"],
             c.get("intermediate_size", 4 * c["hidden_size"]),
@@ -87,42 +101,54 @@ class _Shape:
             heads,
             c.get("num_key_value_heads") or heads,
             c.get("head_dim") or c["hidden_size"] // heads,
-            len(labels) if labels else c["vocab_size"],
+            logits or c["vocab_size"],
             facts.train_activation_factor if facts else 1.0,
             facts.recompute_activation_factor if facts else 1.0,
         )
 
 
+@dataclass(frozen=True)
+class _Weights:
+    """The frozen weights as the sessions hold them (MB)."""
+
+    stored: float  # mapped from weights.safetensors: float32, or quantized data + scales
+    fp32: float  # the same weights in float32
+    embedding: float  # float32 embedding tables (gathered: no transposed copy is folded)
+    scheme: str | None  # None, "int8", "int4"
+    dequantized: float = 0.0  # float32 copies a dequantizing training graph keeps alive (MB)
+
+
 def plan(bundle: Bundle, batch_size: int = 4, max_seq_len: int | None = None, runtime_mb: float | None = None) -> Plan:
-    """Estimate peak RSS (MB) of ``edgeft train`` at this batch/sequence and of serving one request
-    of ``max_seq_len`` tokens (prompt + completion)."""
+    """Estimate peak RSS (MB) of ``edgeft train`` at this batch/sequence (with and without layer
+    recomputation) and of serving one request of ``max_seq_len`` tokens (prompt + completion)."""
     seq = bundle.seq_len(max_seq_len)
-    shape = _Shape.of(bundle)
-    weights = sum(math.prod(p["shape"]) for p in bundle.frozen) * F32 / MB
-    fp32_weights = weights
+    fp32 = sum(math.prod(p["shape"]) for p in bundle.frozen) * F32 / MB
     quant = bundle.manifest.get("quantization")
-    if quant:  # export --quantize: stored (and mapped) quantized; SPEC section 3c
-        weights = _quantized_weights_mb(bundle, quant)
-    embed = _embedding_mb(bundle)
-    lora = bundle.manifest["lora"]["trainable_parameters"] * F32 / MB
+    # export --quantize: stored (and mapped) quantized; SPEC section 3c
+    stored = _quantized_weights_mb(bundle, quant) if quant else fp32
+    dequantized = 0.0
+    if quant and quant.get("compute", "dequant") == "dequant":
+        dequantized = QUANT_DEQUANT_COPIES * _largest_dequantized_mb(bundle)
+    weights = _Weights(stored, fp32, _embedding_mb(bundle), quant.get("scheme") if quant else None, dequantized)
     base = runtime_baseline_mb() if runtime_mb is None else runtime_mb
-    act = _train_activations_mb(shape, batch_size, seq)
-    act_rc = _recompute_activations_mb(shape, batch_size, seq)
-    if quant and quant.get("compute", "dequant") == "dequant":  # float32 copies alive during a step
-        dequant = QUANT_DEQUANT_COPIES * _largest_dequantized_mb(bundle)
-        act, act_rc = act + dequant, act_rc + dequant
-    lora_state = 6 * lora  # params, gradient outputs, their sum, 2 AdamW moments, update temporaries
+    lora = bundle.manifest["lora"]["trainable_parameters"]
+    classifier = Task.of(bundle.manifest).is_classification
+    return _estimate(_Shape.of(bundle), weights, lora, batch_size, seq, base, classifier)
+
+
+def _estimate(shape: _Shape, w: _Weights, lora_params: int, batch: int, seq: int, base: float, classifier=False):
+    lora_state = 6 * lora_params * F32 / MB  # params, gradient outputs, their sum, 2 AdamW moments, update temporaries
+    act = _train_activations_mb(shape, batch, seq) + w.dequantized
+    act_rc = _recompute_activations_mb(shape, batch, seq) + w.dequantized
     # The weights are mapped once (file-backed pages, resident once read) and shared by both sessions.
-    train_peak = base + TRAIN_OVERHEAD_MB + weights + lora_state + act
-    train_recompute_peak = base + RECOMPUTE_OVERHEAD_MB + weights + lora_state + act_rc
-    kv = SERVE_KV_COPIES * 2 * shape.layers * shape.kv_heads * shape.head_dim * seq * F32 / MB
-    if Task.of(bundle.manifest).is_classification:  # served by the eval graph: one forward, no KV cache
-        kv = 0.0
-    serve_load = base + SERVE_OVERHEAD_MB + weights + SERVE_LINEAR_COPY * (weights - embed)
-    if quant and quant.get("scheme") == "int8":  # the decoder session folds int8 weights to float32
-        serve_load = base + SERVE_OVERHEAD_MB + weights + (1 + SERVE_LINEAR_COPY) * (fp32_weights - embed)
+    train_peak = base + TRAIN_OVERHEAD_MB + w.stored + lora_state + act
+    train_recompute_peak = base + RECOMPUTE_OVERHEAD_MB + w.stored + lora_state + act_rc
+    kv = 0.0 if classifier else SERVE_KV_COPIES * 2 * shape.layers * shape.kv_heads * shape.head_dim * seq * F32 / MB
+    serve_load = base + SERVE_OVERHEAD_MB + w.stored + SERVE_LINEAR_COPY * (w.stored - w.embedding)
+    if w.scheme == "int8":  # the decoder session folds int8 weights to float32
+        serve_load = base + SERVE_OVERHEAD_MB + w.stored + (1 + SERVE_LINEAR_COPY) * (w.fp32 - w.embedding)
     serve = serve_load + max(_prefill_mb(shape, seq), kv)
-    return Plan(train_peak, train_recompute_peak, serve, base, weights, lora_state, act, act_rc, kv, batch_size, seq)
+    return Plan(train_peak, train_recompute_peak, serve, base, w.stored, lora_state, act, act_rc, kv, batch, seq)
 
 
 def _train_activations_mb(s: _Shape, batch: int, seq: int) -> float:
@@ -158,19 +184,16 @@ def _prefill_mb(s: _Shape, prompt: int) -> float:
 
 
 def _quantized_weights_mb(bundle: Bundle, quant: dict) -> float:
-    """Bytes of the frozen weights of a quantized bundle: float32 ones plus quantized data + scales."""
+    """Bytes of the frozen weights of a quantized bundle: float32 ones plus quantized data + scales
+    (and, for int4 low-precision training, the second layout of each Wᵀ)."""
     total = 0.0
     block = quant.get("block_size") or 32
     for p in bundle.frozen:
-        n = math.prod(p["shape"])
-        if "quantized" not in p:
-            total += n * F32
-        elif quant.get("scheme") == "int8":
-            total += n + p["shape"][0] * F32
-        else:
-            rows, cols = p["shape"][0], math.prod(p["shape"][1:])
-            blocks = math.ceil(cols / block)
-            total += rows * blocks * (block // 2 + F32)
+        kind = "vector" if "quantized" not in p else "embedding" if "embed" in p["key"] else "linear"
+        rows, cols = p["shape"][0], math.prod(p["shape"][1:])
+        total += _stored_bytes(kind, rows, cols, quant.get("scheme") if kind != "vector" else None, block)
+        if "transposed" in p.get("quantized", {}):
+            total += _stored_bytes(kind, cols, rows, "int4", block)
     return total / MB
 
 
@@ -240,3 +263,213 @@ def _proc_status_mb(field: str) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- planning before export: a Hugging Face config.json -------------------------------------------
+
+
+@dataclass
+class ModelPlan:
+    precision: str  # fp32 | int8 | int4 (export --quantize)
+    recompute: str  # none | layers
+    plan: Plan
+    budget_mb: float | None
+
+    @property
+    def train_peak_mb(self) -> float:
+        return self.plan.train_recompute_peak_mb if self.recompute == "layers" else self.plan.train_peak_mb
+
+    @property
+    def fits(self) -> bool | None:
+        if self.budget_mb is None:
+            return None
+        return max(self.train_peak_mb, self.plan.serve_peak_mb) <= self.budget_mb
+
+    def as_dict(self) -> dict:
+        plan = self.plan.as_dict()
+        plan["train_peak_mb"] = round(self.train_peak_mb, 1)
+        for key in ("train_recompute_peak_mb", "train_recompute_activations_mb"):
+            plan.pop(key)
+        if self.recompute == "layers":
+            plan["train_activations_mb"] = round(self.plan.train_recompute_activations_mb, 1)
+        return {"precision": self.precision, "recompute": self.recompute, "fits": self.fits, **plan}
+
+
+def read_model_config(model_dir: Path) -> dict:
+    """A Hugging Face model directory's config.json, checked enough to plan from."""
+    path = Path(model_dir) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EdgeftError(f"{path}: not found (plan takes a bundle or a Hugging Face model directory)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EdgeftError(f"{path}: invalid JSON ({e})") from None
+    model_facts(config.get("model_type"))
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        if not isinstance(config.get(key), int) or config[key] < 1:
+            raise EdgeftError(f"{path}: field '{key}' must be a positive integer")
+    return config
+
+
+def plan_model(
+    config: dict,
+    batch_size: int,
+    seq: int,
+    budget_mb: float | None,
+    lora_r: int = 8,
+    block_size: int = 32,
+    runtime_mb: float = DEVICE_RUNTIME_MB,
+) -> list[ModelPlan]:
+    """Every precision x recompute setting for the model of ``config`` (default LoRA targets at
+    rank ``lora_r``), with whether its training and serving peaks fit ``budget_mb``."""
+    shape = _Shape.from_config(config)
+    tensors = _frozen_shapes(config, shape)
+    fp32 = sum(rows * cols for _, rows, cols in tensors) * F32 / MB
+    embedding = sum(rows * cols for kind, rows, cols in tensors if kind == "embedding") * F32 / MB
+    lora = _lora_parameters(config, shape, lora_r)
+    out = []
+    for precision in PRECISIONS:
+        scheme = None if precision == "fp32" else precision
+        stored = sum(_stored_bytes(kind, rows, cols, scheme, block_size) for kind, rows, cols in tensors)
+        if scheme == "int4":  # export's default --quant-compute int8 also stores each linear Wᵀ
+            stored += sum(
+                _stored_bytes(kind, cols, rows, scheme, block_size) for kind, rows, cols in tensors if kind == "linear"
+            )
+        dequantized = QUANT_DEQUANT_COPIES * _largest_layer_mb(tensors, shape) if scheme == "int8" else 0.0
+        weights = _Weights(stored / MB, fp32, embedding, scheme, dequantized)
+        estimate = _estimate(shape, weights, lora, batch_size, seq, runtime_mb)
+        out.extend(ModelPlan(precision, recompute, estimate, budget_mb) for recompute in RECOMPUTE)
+    return out
+
+
+def _largest_layer_mb(tensors: list[tuple[str, int, int]], s: _Shape) -> float:
+    """float32 MB of one decoder layer's matrices plus the output head (a dequantizing graph's copies)."""
+    linear = [rows * cols for kind, rows, cols in tensors if kind == "linear"]
+    per_layer = sum(linear[: len(linear) // s.layers]) if s.layers else 0
+    head = linear[-1] if len(linear) % max(s.layers, 1) else 0
+    return (per_layer + head) * F32 / MB
+
+
+def _frozen_shapes(c: dict, s: _Shape) -> list[tuple[str, int, int]]:
+    """(kind, rows, cols) of the frozen weights: 2-D matrices (quantized by export --quantize) and
+    1-D norms and biases as (kind "vector", 1, n), which stay float32."""
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    layer = [("linear", q, s.hidden), ("linear", kv, s.hidden), ("linear", kv, s.hidden), ("linear", s.hidden, q)]
+    layer += [("linear", s.intermediate, s.hidden)] * 2 + [("linear", s.hidden, s.intermediate)]
+    layer += [("vector", 1, s.hidden)] * 4 + [("vector", 1, s.head_dim)] * 2  # norms (at most: gemma3's)
+    if c.get("model_type") == "qwen2" or c.get("attention_bias"):
+        layer += [("vector", 1, q + 2 * kv)]
+    tensors = [("embedding", s.vocab, s.hidden), ("vector", 1, s.hidden)] + layer * s.layers
+    if not c.get("tie_word_embeddings", model_facts(c["model_type"]).tied_default):
+        tensors.append(("linear", s.vocab, s.hidden))
+    return tensors
+
+
+def _stored_bytes(kind: str, rows: int, cols: int, scheme: str | None, block: int) -> float:
+    """Bytes of one frozen tensor in weights.safetensors (layouts: edgeft/host/quantize.py)."""
+    if scheme is None or kind == "vector":
+        return rows * cols * F32
+    if scheme == "int8":
+        return rows * cols + rows * F32
+    return rows * math.ceil(cols / block) * (block // 2 + F32)
+
+
+def _lora_parameters(c: dict, s: _Shape, r: int) -> int:
+    """LoRA A and B of the type's default targets: r x (in + out) per module and layer."""
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    dims = {
+        "q_proj": (s.hidden, q),
+        "k_proj": (s.hidden, kv),
+        "v_proj": (s.hidden, kv),
+        "o_proj": (q, s.hidden),
+        "qkv_proj": (s.hidden, q + 2 * kv),
+    }
+    targets = model_facts(c["model_type"]).lora_targets
+    return s.layers * sum(r * (i + o) for i, o in (dims[t] for t in targets))
+
+
+def plan_model_dir(
+    model_dir: Path,
+    batch_size: int,
+    max_seq_len: int | None,
+    profile: str | None,
+    budget_mb: float | None,
+    lora_r: int,
+    block_size: int,
+    as_json: bool,
+) -> str:
+    """``edgeft plan MODEL_DIR``: the table (or JSON) of every precision x recompute setting."""
+    if block_size < 16 or block_size & (block_size - 1):
+        raise EdgeftError("--quant-block-size must be a power of two >= 16 (MatMulNBits)")
+    config = read_model_config(model_dir)
+    source = "--memory-budget"
+    seq = max_seq_len
+    if profile is not None:
+        from edgeft.profiles import load_profile
+
+        device = load_profile(profile)
+        seq = seq or device.defaults.max_seq_len
+        if budget_mb is None:
+            budget_mb, source = float(device.ram_budget_mb), f"profile {device.name}"
+    if budget_mb is None:
+        budget_mb, source = available_memory_mb(), "available on this machine"
+    seq = seq or 512
+    rows = plan_model(config, batch_size, seq, budget_mb, lora_r, block_size)
+    if as_json:
+        return json.dumps({"budget_mb": budget_mb, "plans": [r.as_dict() for r in rows]})
+    return _model_report(model_dir, config, rows, budget_mb, source, lora_r, block_size)
+
+
+def _model_report(
+    model_dir: Path, config: dict, rows: list[ModelPlan], budget: float | None, source: str, r: int, block: int
+) -> str:
+    shape = _Shape.from_config(config)
+    params = sum(a * b for _, a, b in _frozen_shapes(config, shape))
+    tied = config.get("tie_word_embeddings", model_facts(config["model_type"]).tied_default)
+    first = rows[0].plan
+    targets = ",".join(model_facts(config["model_type"]).lora_targets)
+    lines = [
+        f"model     {config['model_type']}, {params / 1e6:.0f} M parameters ({shape.layers} layers, hidden "
+        f"{shape.hidden}, vocab {shape.vocab}{', tied embeddings' if tied else ''})",
+        f"plan      LoRA r={r} on {targets}; batch {first.batch_size} x {first.max_seq_len} tokens; "
+        f"runtime {first.runtime_mb:.0f} MB (onnxruntime, device venv)",
+        f"budget    {f'{budget:.0f} MB' if budget is not None else 'unknown'} ({source})",
+        "",
+        "PRECISION  RECOMPUTE  WEIGHTS MB  TRAIN PEAK MB  SERVE PEAK MB  FITS",
+    ]
+    for row in rows:
+        p = row.plan
+        fits = "?" if row.fits is None else "yes" if row.fits else "no"
+        recompute = row.recompute + ("*" if row.recompute == "layers" else "")
+        lines.append(
+            f"{row.precision:<9}  {recompute:<9}  {p.weights_mb:>10.0f}  {row.train_peak_mb:>13.0f}  "
+            f"{p.serve_peak_mb:>13.0f}  {fits}"
+        )
+    lines += [
+        "",
+        "* layer recomputation (export --recompute auto, the default; edgeft train picks it when needed):",
+        "  each layer keeps its input, one layer's activations exist at a time during the backward.",
+    ]
+    fitting = [row for row in rows if row.fits]
+    if fitting:
+        best = fitting[0]  # the highest precision that fits, without recompute if it can
+        options = "" if best.precision == "fp32" else f" --quantize {best.precision}"
+        lines.append(f"export:   edgeft export {model_dir} --out BUNDLE{options} --max-seq-len {first.max_seq_len}")
+        if best.recompute == "layers":
+            lines.append("          (edgeft train then recomputes layers at this batch and sequence: --recompute auto)")
+    elif budget is not None:
+        hint = _smaller_setting(config, rows, r, block)
+        lines.append(f"nothing fits {budget:.0f} MB at batch {first.batch_size} x {first.max_seq_len}; {hint}")
+    return "\n".join(lines)
+
+
+def _smaller_setting(config: dict, rows: list[ModelPlan], r: int, block: int) -> str:
+    """The largest batch (then sequence) at which the most frugal setting fits the budget."""
+    last = rows[-1]
+    batch, seq = last.plan.batch_size, last.plan.max_seq_len
+    while batch > 1 or seq > 2:
+        batch, seq = (batch - 1, seq) if batch > 1 else (1, seq // 2)
+        row = plan_model(config, batch, seq, last.budget_mb, r, block)[-1]
+        if row.fits:
+            return f"{last.precision} with recompute {last.recompute} fits at batch {batch} x {seq}"
+    return "not even batch 1 x 2 fits"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from edgeft.errors import EdgeftError
 from edgeft.host.graph import externalize
+from edgeft.models import attention_layout
 
 DECODER_LORA = "decoder_lora.onnx"
 DECODER = "decoder.onnx"
@@ -73,7 +74,7 @@ def decoder_module(peft_model, hf_config: dict, last_logits: bool = False):
     from transformers import DynamicCache
 
     layers = hf_config["num_hidden_layers"]
-    window = hf_config.get("sliding_window") if hf_config.get("use_sliding_window", True) else None
+    layout = attention_layout(peft_model.base_model.model.config.to_dict())
 
     class Decoder(torch.nn.Module):
         def __init__(self):
@@ -82,7 +83,7 @@ def decoder_module(peft_model, hf_config: dict, last_logits: bool = False):
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
             cache = DynamicCache.from_legacy_cache(tuple((past[2 * i], past[2 * i + 1]) for i in range(layers)))
-            mask = decode_mask(attention_mask, input_ids.shape[1], window)
+            mask = layout.mask_argument(lambda window: decode_mask(attention_mask, input_ids.shape[1], window))
             kwargs = dict(
                 input_ids=input_ids,
                 attention_mask=mask,

@@ -25,7 +25,15 @@ from edgeft.bundle import FORMAT_VERSION, GRAPH_INPUTS, MANIFEST, TOKENIZER_FILE
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_write_json, staged_directory
 from edgeft.host.graph import WEIGHTS, externalize
-from edgeft.models import MODEL_TABLE, check_task, default_lora_targets
+from edgeft.models import (
+    MODEL_TABLE,
+    attention_layout,
+    check_rope,
+    check_task,
+    default_lora_targets,
+    model_facts,
+    rope_switch,
+)
 from edgeft.signing import load_private_key, sign_bundle
 from edgeft.tasks import CAUSAL_LM, PEFT_TASK_TYPE, Task, check_labels
 
@@ -97,14 +105,14 @@ def _check_inputs(cfg: ExportConfig) -> dict:
     if not isinstance(hf_config, dict) or not isinstance(hf_config.get("vocab_size"), int):
         raise EdgeftError(f"{config_path}: not a Hugging Face model config (needs model_type and vocab_size)")
     model_type = hf_config.get("model_type")
+    model_facts(model_type)  # the clear unknown-type error, whatever the targets
     check_labels(cfg.task, cfg.labels)
     check_task(model_type, cfg.task)
     if cfg.task != CAUSAL_LM and cfg.quantize:
         raise EdgeftError(f"--quantize is for causal-lm bundles, not --task {cfg.task}")
+    _check_architecture(model_dir)
     if cfg.init_adapter is not None:
         _check_adapter_task(_check_init_adapter(Path(cfg.init_adapter)), cfg)
-    if cfg.target_modules is None and cfg.init_adapter is None:
-        default_lora_targets(model_type)  # raises the clear unknown-type error
     if cfg.lora_r < 1 or cfg.lora_alpha <= 0 or not 0 <= cfg.lora_dropout < 1:
         raise EdgeftError("--lora-r must be >= 1, --lora-alpha > 0 and --lora-dropout in [0, 1)")
     _check_method_options(cfg)
@@ -117,6 +125,17 @@ def _check_inputs(cfg: ExportConfig) -> dict:
         raise EdgeftError(f"{out}: exists and is not a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     return hf_config
+
+
+def _check_architecture(model_dir: Path) -> None:
+    """Refuse, before any weight is loaded, attention windows or rope variants the traced graphs
+    would not reproduce (edgeft/models.py). The config is resolved by transformers, which derives
+    e.g. layer_types from use_sliding_window and max_window_layers."""
+    from transformers import AutoConfig
+
+    resolved = AutoConfig.from_pretrained(model_dir).to_dict()
+    attention_layout(resolved)
+    check_rope(resolved)
 
 
 def _check_method_options(cfg: ExportConfig) -> None:
@@ -200,6 +219,44 @@ def dora_for_onnx(stop_gradient: bool):
         dora.DoraLinearLayer.get_weight_norm, dora.DoraLinearLayer.get_lora_weight = saved
 
 
+@contextlib.contextmanager
+def longrope_for_onnx(model):
+    """Make longrope's short/long choice part of the traced graphs, values unchanged.
+
+    transformers (``dynamic_rope_update``) picks the long factors in Python when
+    ``max(position_ids) + 1 > original_max_position_embeddings``, on every call: a trace would
+    freeze the choice made for its example inputs. Inside this context each longrope rotary
+    module computes ``inv_freq = Where(max(position_ids) + 1 > original, long, short)`` with the
+    same two tensors transformers builds, then runs its own forward (unwrapped) on it.
+    """
+    import inspect
+
+    import torch
+
+    patched = []
+    for module in model.modules():
+        if getattr(module, "rope_type", None) != "longrope" or not hasattr(module, "original_inv_freq"):
+            continue
+        config = module.config
+        original = getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings
+        short = module.original_inv_freq
+        long, _ = module.rope_init_fn(config, short.device, seq_len=original + 1)
+        inner = inspect.unwrap(type(module).forward)  # below no_grad and dynamic_rope_update
+
+        def forward(x, position_ids, module=module, inner=inner, short=short, long=long, original=original):
+            module.inv_freq = torch.where(position_ids.max() + 1 > original, long, short)
+            return inner(module, x, position_ids)
+
+        module.forward = forward
+        patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+            module.inv_freq = module.original_inv_freq
+
+
 def _load_peft_model(cfg: ExportConfig, hf_config: dict):
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -255,7 +312,7 @@ def _check_init_adapter(path: Path) -> dict:
     return cfg
 
 
-def loss_module(peft_model, sliding_window: int | None = None):
+def loss_module(peft_model):
     """The torch module whose ONNX export is the training graph: inputs -> causal-LM loss.
 
     ``loss = sum of token cross-entropies / num_loss_tokens``: the caller passes the token count
@@ -263,13 +320,17 @@ def loss_module(peft_model, sliding_window: int | None = None):
     """
     import torch
 
+    config = peft_model.base_model.model.config
+    layout = attention_layout(config.to_dict())
+    softcap = getattr(config, "final_logit_softcapping", None)
+
     class LossModel(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.peft = peft_model
 
         def forward(self, input_ids, attention_mask, labels, num_loss_tokens):
-            mask = _additive_mask(attention_mask, sliding_window)
+            mask = layout.mask_argument(lambda window: _additive_mask(attention_mask, window))
             seq = input_ids.shape[1]
             pos = torch.arange(seq, dtype=torch.long).unsqueeze(0).expand(input_ids.shape[0], seq)
             causal_lm = self.peft.base_model.model
@@ -281,7 +342,10 @@ def loss_module(peft_model, sliding_window: int | None = None):
             targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1).reshape(-1)
             keep = (targets != -100).nonzero().squeeze(1)
             rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep)
-            logits = causal_lm.lm_head(rows).float()
+            logits = causal_lm.lm_head(rows)
+            if softcap:  # as the CausalLM's forward does after lm_head (Gemma)
+                logits = torch.tanh(logits / softcap) * softcap
+            logits = logits.float()
             ce = torch.nn.functional.cross_entropy(logits, targets.index_select(0, keep), reduction="sum")
             return ce / num_loss_tokens
 
@@ -336,9 +400,8 @@ def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out:
         raise EdgeftError("the classification head is not trainable (PEFT modules_to_save); check --init-adapter")
     work = Path(tempfile.mkdtemp(prefix="edgeft-export-"))
     try:
-        window = hf_config.get("sliding_window") if hf_config.get("use_sliding_window", True) else None
-        with dora_for_onnx(stop_gradient=True):
-            module = _task_loss_module(peft_model, task, hf_config["model_type"], window)
+        with dora_for_onnx(stop_gradient=True), longrope_for_onnx(peft_model):
+            module = _task_loss_module(peft_model, task, hf_config["model_type"])
             forward = trace_loss(module, hf_config["vocab_size"], work, task.type, len(task.labels))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -375,8 +438,11 @@ def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out:
             graphs[name]["gradients"] = {n: f"{n}_grad" for n in graphs[name]["inputs"] if n in trainable}
             graphs[name]["recompute"] = file == TRAINING_RECOMPUTE or cfg.recompute == "layers"
     if not task.is_classification:  # classifiers are served by their eval graph (logits), not a decoder
-        with dora_for_onnx(stop_gradient=False):
+        with dora_for_onnx(stop_gradient=False), longrope_for_onnx(peft_model):
             graphs.update(export_decoders(peft_model, hf_config, file_keys, ranges, out, quant))
+        switch = rope_switch(peft_model.base_model.model.config.to_dict())
+        if switch is not None:  # the device decoder's part of longrope (SPEC section 3b)
+            graphs["decoder_lora"]["recompute_cache_beyond"] = switch
     _write_init_adapter(peft_model, lora_cfg, {n: params[n] for n in trainable}, keys, out / "adapter")
     _copy_tokenizer(Path(cfg.model_dir), out)
     if task.is_classification:  # the labels and pad id go with the model, as transformers saves them
@@ -407,12 +473,12 @@ def _training_graphs(recompute: str, training, evaluation) -> list[tuple]:
     return graphs
 
 
-def _task_loss_module(peft_model, task: Task, model_type: str, window: int | None):
+def _task_loss_module(peft_model, task: Task, model_type: str):
     if not task.is_classification:
-        return loss_module(peft_model, window)
+        return loss_module(peft_model)
     from edgeft.host.tasks import classification_loss_module
 
-    return classification_loss_module(peft_model, task, model_type, window)
+    return classification_loss_module(peft_model, task, model_type)
 
 
 def _head_fields(model) -> dict:

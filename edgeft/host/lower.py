@@ -218,7 +218,7 @@ def _gelu_grad(node, b: Builder, const) -> None:
 
 @rule("TanhGrad")
 def _tanh_grad(node, b: Builder, const) -> None:
-    """dX = dY · (1 - Y²), Y = tanh(X) (BERT's pooler)."""
+    """dX = dY · (1 - Y²), Y = tanh(X) (BERT's pooler; Gemma's gelu-tanh and logit soft-capping)."""
     dy, y = node.input[:2]
     b.op("Mul", [dy, b.op("Sub", [b.const(1.0, np.float32), b.op("Mul", [y, y])])], [node.output[0]])
 

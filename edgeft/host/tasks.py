@@ -45,7 +45,7 @@ def head_config(task: Task, hf_config: dict, pad_token_id: int | None) -> dict:
     return fields
 
 
-def classification_loss_module(peft_model, task: Task, model_type: str, sliding_window: int | None = None):
+def classification_loss_module(peft_model, task: Task, model_type: str):
     """The torch module whose export is a classification bundle's training/eval graph:
     (input_ids, attention_mask, labels, num_loss_tokens) -> (loss, logits).
 
@@ -84,7 +84,7 @@ def classification_loss_module(peft_model, task: Task, model_type: str, sliding_
                 )
                 logits = logits.logits
             else:
-                logits = _decoder_logits(model, input_ids, attention_mask, pos, task, sliding_window)
+                logits = _decoder_logits(model, input_ids, attention_mask, pos, task)
             flat = logits.reshape(-1, logits.shape[-1]).float()
             ce = torch.nn.functional.cross_entropy(flat, labels.reshape(-1), reduction="sum")
             return ce / num_loss_tokens, logits
@@ -92,15 +92,17 @@ def classification_loss_module(peft_model, task: Task, model_type: str, sliding_
     return ClassificationLoss()
 
 
-def _decoder_logits(model, input_ids, attention_mask, pos, task: Task, sliding_window: int | None):
+def _decoder_logits(model, input_ids, attention_mask, pos, task: Task):
     """A decoder's head over its hidden states; seq-cls pools the last real token (right padding:
     position ``sum(attention_mask) - 1``), which is transformers' last non-pad token."""
     import torch
 
     from edgeft.host.export import _additive_mask
+    from edgeft.models import attention_layout
 
     body = getattr(model, model.base_model_prefix)
-    mask = _additive_mask(attention_mask, sliding_window)
+    layout = attention_layout(model.config.to_dict())  # each layer's window, as in the causal-LM graph
+    mask = layout.mask_argument(lambda window: _additive_mask(attention_mask, window))
     hidden = body(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=False).last_hidden_state
     if task.type == SEQ_CLS:
         batch, seq = input_ids.shape
