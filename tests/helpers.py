@@ -202,12 +202,14 @@ def torch_model_like_bundle(model_dir: Path, bundle: Path, adapter: Path):
         with torch.no_grad():
             for p in quantized:
                 w = dequantize(stored[p["key"]], stored[p["quantized"]["scales_key"]], p["shape"][1])
-                params[p["onnx"]].copy_(torch.from_numpy(w))
+                # the bundle may wrap more modules with LoRA than this adapter does
+                name = p["onnx"] if p["onnx"] in params else p["onnx"].replace(".base_layer.", ".")
+                params[name].copy_(torch.from_numpy(w))
                 if "transposed" in p["quantized"]:  # low-precision int4: the backward reads W^T's own layout
                     data, scales = (stored[k] for k in p["quantized"]["transposed"].values())
                     w_t = dequantize(data, scales.reshape(data.shape[0], -1), p["shape"][0])
                     for linear in modules.values():  # every Linear using it (a tied embedding's is lm_head)
-                        if isinstance(linear, torch.nn.Linear) and linear.weight is params[p["onnx"]]:
+                        if isinstance(linear, torch.nn.Linear) and linear.weight is params[name]:
                             _backward_weight(linear, torch.from_numpy(w_t.T.copy()))
     return model
 

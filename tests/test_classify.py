@@ -152,7 +152,8 @@ def test_bundle_records_task_labels_and_head(factory, task):
     heads = [p for p in manifest["parameters"] if p.get("head")]
     assert {p["key"] for p in heads} == {"base_model.model.classifier.weight", "base_model.model.classifier.bias"}
     assert all(p["trainable"] for p in heads) and heads[0]["shape"][0] == len(LABELS[task])
-    assert set(manifest["graphs"]) == {"training", "eval"}  # served by the eval graph: no decoders
+    # served by the eval graph: no decoders; the encoder layers recompute too (export --recompute auto)
+    assert set(manifest["graphs"]) == {"training", "training_recompute", "eval"}
     assert manifest["graphs"]["eval"]["outputs"] == ["loss", "logits"]
     config = json.loads((path / "config.json").read_text())
     assert config["id2label"] == {str(i): name for i, name in enumerate(LABELS[task])}

@@ -381,7 +381,10 @@ def test_fleet_round_survives_a_killed_device_and_a_corrupted_update(llama_bundl
     first, second = history["rounds"]
     assert [c.split(" ")[0] for c in first["clients"]] == ["dev0"]
     reasons = " | ".join(f"{r['client']}: {r['reason']}" for r in first["rejected"])
-    assert "dev1" in reasons and "NaN" in reasons and "no reply within --round-timeout" in reasons, reasons
+    assert "dev1" in reasons and "NaN" in reasons, reasons
+    # the killed device: the round's timeout, or Flower's missed heartbeats if they come first
+    lost = ("no reply within --round-timeout", "Node Unavailable")
+    assert len(first["rejected"]) == 2 and any(word in reasons for word in lost), reasons
     assert sorted(c.split(" ")[0] for c in second["clients"]) == ["dev0", "dev2"]
     assert [r["client"].split(" ")[0] for r in second["rejected"]] == ["dev1"]
     server_log = (out / "server.log").read_text()

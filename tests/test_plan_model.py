@@ -65,11 +65,16 @@ def test_recompute_keeps_less_and_fits_are_judged_on_both_peaks():
     assert [(r.precision, r.recompute) for r in rows] == [(p, c) for p in PRECISIONS for c in RECOMPUTE]
     by = {(r.precision, r.recompute): r for r in rows}
     for p in PRECISIONS:
-        none, layers = by[p, "none"].plan, by[p, "layers"].plan
-        assert layers.train_activations_mb < none.train_activations_mb and layers.weights_mb == none.weights_mb
-    assert by["fp32", "none"].plan.weights_mb > by["int8", "none"].plan.weights_mb > by["int4", "none"].plan.weights_mb
+        none, layers = by[p, "none"], by[p, "layers"]
+        assert layers.train_peak_mb < none.train_peak_mb and layers.plan.weights_mb == none.plan.weights_mb
+        assert layers.as_dict()["train_activations_mb"] < none.as_dict()["train_activations_mb"]
+    # int4 also stores each linear Wᵀ for its low-precision backward: with Gemma's tied 262k-row
+    # embedding that is more than int8's one layout; serving reads W's layout only.
+    weights = {p: by[p, "none"].plan.weights_mb for p in PRECISIONS}
+    assert weights["fp32"] > weights["int4"] > weights["int8"] * 0.9 and weights["fp32"] > weights["int8"]
+    assert by["int4", "none"].plan.serve_peak_mb < by["int8", "none"].plan.serve_peak_mb
     for r in rows:
-        assert r.fits is (max(r.plan.train_peak_mb, r.plan.serve_peak_mb) <= 6144)
+        assert r.fits is (max(r.train_peak_mb, r.plan.serve_peak_mb) <= 6144)
 
 
 def test_cli_table_and_json(tmp_path):

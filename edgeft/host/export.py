@@ -81,7 +81,8 @@ def export_bundle(cfg: ExportConfig) -> Path:
     t0 = time.time()
     signer = load_private_key(cfg.sign_key) if cfg.sign_key is not None else None  # fail before the work
     hf_config = _check_inputs(cfg)
-    model, lora_cfg = _load_peft_model(cfg, hf_config)
+    with stage("load the model and add LoRA"):
+        model, lora_cfg = _load_peft_model(cfg, hf_config)
     out = Path(cfg.out).resolve()
     with staged_directory(out) as staging:
         _write_bundle(cfg, model, lora_cfg, hf_config, staging)
@@ -400,7 +401,7 @@ def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out:
         raise EdgeftError("the classification head is not trainable (PEFT modules_to_save); check --init-adapter")
     work = Path(tempfile.mkdtemp(prefix="edgeft-export-"))
     try:
-        with dora_for_onnx(stop_gradient=True), longrope_for_onnx(peft_model):
+        with stage("trace the loss"), dora_for_onnx(stop_gradient=True), longrope_for_onnx(peft_model):
             module = _task_loss_module(peft_model, task, hf_config["model_type"])
             forward = trace_loss(module, hf_config["vocab_size"], work, task.type, len(task.labels))
     finally:
@@ -415,8 +416,10 @@ def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out:
         quant = select_and_quantize(forward.graph, params, frozen, keys, cfg.quantize, cfg.quant_block_size, low)
         rewrite_graph(forward.graph, quant, as_inputs=True)
     file_keys = _file_keys(keys, frozen, quant)
-    ranges = _write_weights(out / WEIGHTS, params, file_keys, quant)
-    training, evaluation = differentiate(forward, trainable)
+    with stage("write weights.safetensors" + (f" ({cfg.quantize})" if quant else "")):
+        ranges = _write_weights(out / WEIGHTS, params, file_keys, quant)
+    with stage("build and lower the gradient graph"):
+        training, evaluation = differentiate(forward, trainable)
     if quant:
         from edgeft.host.lowprec import low_precision_matmuls
         from edgeft.host.quantize import recompute_in_backward
@@ -426,7 +429,9 @@ def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out:
             low_precision_matmuls(model.graph, quant, level)  # int4 with --quant-compute int8|fp32
         recompute_in_backward(training.graph, quant)  # what still dequantizes: no float copy kept alive
     graphs = {}
-    for name, model, file in _training_graphs(cfg.recompute, training, evaluation):
+    with stage("recompute, save the training graphs"):
+        variants = _training_graphs(cfg.recompute, training, evaluation)
+    for name, model, file in variants:
         externalize(model.graph, file_keys, ranges, {})
         onnx.save(model, str(out / file))
         graphs[name] = {
@@ -438,7 +443,7 @@ def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out:
             graphs[name]["gradients"] = {n: f"{n}_grad" for n in graphs[name]["inputs"] if n in trainable}
             graphs[name]["recompute"] = file == TRAINING_RECOMPUTE or cfg.recompute == "layers"
     if not task.is_classification:  # classifiers are served by their eval graph (logits), not a decoder
-        with dora_for_onnx(stop_gradient=False), longrope_for_onnx(peft_model):
+        with stage("trace the decoders"), dora_for_onnx(stop_gradient=False), longrope_for_onnx(peft_model):
             graphs.update(export_decoders(peft_model, hf_config, file_keys, ranges, out, quant))
         switch = rope_switch(peft_model.base_model.model.config.to_dict())
         if switch is not None:  # the device decoder's part of longrope (SPEC section 3b)
@@ -451,6 +456,14 @@ def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out:
     manifest = _manifest(cfg, lora_cfg, hf_config, keys, params, frozen, trainable, graphs, quant, out)
     manifest["lora"]["scaling"] = dict(sorted(lora_scaling(peft_model).items()))
     atomic_write_json(out / MANIFEST, manifest)
+
+
+@contextlib.contextmanager
+def stage(what: str):
+    """Log how long an export stage took (INFO: `make bench-large` reads where the time goes)."""
+    t0 = time.perf_counter()
+    yield
+    log.info("export stage: %s: %.1f s", what, time.perf_counter() - t0)
 
 
 def _training_graphs(recompute: str, training, evaluation) -> list[tuple]:

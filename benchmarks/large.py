@@ -1,0 +1,218 @@
+"""`make bench-large`: the models people put on devices, at their real sizes (issue: real models).
+
+    python benchmarks/large.py [--only phi3-mini|llama-3.2-1b] [--steps 3]
+
+For each shape (random weights from the published config, saved as a bf16 sharded checkpoint the
+way the Hub ships them): `edgeft export` (fp32 and/or int4), its wall time per stage and its host
+peak RSS; then in the torch-free device venv `edgeft train` (batch 1, seq 256, a few steps,
+`--recompute auto`) and `edgeft generate` (128-token prompt + 32 new tokens), each its peak RSS and
+speed, beside `edgeft plan`'s prediction. Every command runs in its own process; peak RSS is that
+process's (ru_maxrss of a one-child wrapper). Results: benchmarks/large_results.json and the
+"Real model sizes" section of RESULTS.md. Needs ~20 GB of free RAM and ~40 GB of disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("EDGEFT_BENCH_CACHE", ROOT / "benchmarks" / ".cache")) / "large"
+HOST = ROOT / ".venv" / "bin" / "python"
+DEVICE = ROOT / ".venv-device" / "bin"
+RESULTS = ROOT / "benchmarks" / "large_results.json"
+
+SHAPES = {
+    # Phi-3-mini-4k-instruct's published config
+    "phi3-mini": dict(
+        model_type="phi3",
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32064,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        exports=("int4",),
+    ),
+    # Llama-3.2-1B's published config (tied embeddings, llama3 rope scaling)
+    "llama-3.2-1b": dict(
+        model_type="llama",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_scaling={
+            "factor": 32.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+        exports=("fp32", "int4"),
+    ),
+}
+TARGETS = {"phi3-mini": {"export_peak_mb": 20 * 1024, "export_minutes": 30, "train_mb": 5 * 1024, "serve_mb": 3 * 1024}}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def measured(cmd: list[str], env: dict | None = None) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run ``cmd`` in its own process; (result, wall seconds, its peak RSS in MB)."""
+    wrapper = (
+        "import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+        "sys.stdout.write(p.stdout); sys.stderr.write(p.stderr); "
+        "print('PEAK_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(p.returncode)"
+    )
+    t0 = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, env={**os.environ, **(env or {})}
+    )
+    seconds = time.perf_counter() - t0
+    peak = re.search(r"PEAK_KB (\d+)", result.stderr)
+    return result, seconds, int(peak.group(1)) / 1024 if peak else float("nan")
+
+
+def build_checkpoint(name: str) -> Path:
+    """The shape's config with random weights, saved bf16 in 2 GB shards, plus a tokenizer."""
+    model = CACHE / name / "model"
+    if (model / "config.json").is_file():
+        return model
+    log(f"{name}: building a random bf16 checkpoint (first run only)")
+    shape = {k: v for k, v in SHAPES[name].items() if k != "exports"}
+    code = f"""
+import json, sys, torch
+from pathlib import Path
+from tokenizers import Tokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
+sys.path.insert(0, {str(ROOT)!r})
+from edgeft.host.tiny import train_tokenizer
+out = Path({str(model)!r})
+train_tokenizer(out, vocab_size=512, model_max_length=4096)
+tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+ids = {{n: tok.token_to_id(n) for n in ("<s>", "</s>", "<pad>")}}
+shape = json.loads({json.dumps(json.dumps(shape))})
+config = AutoConfig.for_model(shape.pop("model_type"), bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
+                              pad_token_id=ids["<pad>"], torch_dtype="bfloat16", **shape)
+torch.manual_seed(0)
+with torch.device("meta"):
+    m = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+m = m.to_empty(device="cpu")
+with torch.no_grad():
+    for p in m.parameters():
+        if p.dim() == 1:
+            p.fill_(1.0)
+        else:
+            p.normal_(0.0, 0.02)
+m.save_pretrained(out, safe_serialization=True, max_shard_size="2GB")
+print(sum(p.numel() for p in m.parameters()))
+"""
+    result = subprocess.run([str(HOST), "-c", code], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(result.stderr[-3000:])
+    return model
+
+
+def export(name: str, model: Path, precision: str) -> dict:
+    bundle = CACHE / name / f"bundle-{precision}"
+    args = ["export", str(model), "--out", str(bundle), "--overwrite", "--max-seq-len", "512"]
+    if precision != "fp32":
+        args += ["--quantize", precision]
+    log(f"{name}: edgeft export --quantize {precision}")
+    code = "import logging, sys; logging.basicConfig(level=logging.INFO); from edgeft.cli import main; main()"
+    result, seconds, peak = measured([str(HOST), "-c", code, *args])
+    if result.returncode != 0:
+        return {"error": result.stderr[-2000:], "seconds": seconds, "peak_rss_mb": peak}
+    stages = {m.group(1): float(m.group(2)) for m in re.finditer(r"export stage: (.+?): ([\d.]+) s", result.stderr)}
+    size = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
+    log(f"{name}: export {precision}: {seconds / 60:.1f} min, peak {peak / 1024:.1f} GB, bundle {size / 2**30:.2f} GB")
+    return {"seconds": seconds, "peak_rss_mb": peak, "stages_s": stages, "bundle_bytes": size, "bundle": str(bundle)}
+
+
+def device_runs(name: str, bundle: Path, steps: int) -> dict:
+    data = CACHE / "long.jsonl"
+    if not data.is_file():
+        words = (ROOT / "examples" / "data" / "corpus.txt").read_text().split()
+        import random
+
+        rng = random.Random(0)
+        lines = [json.dumps({"text": " ".join(rng.choice(words) for _ in range(600))}) for _ in range(8)]
+        data.write_text("\n".join(lines) + "\n")
+    plan = json.loads(
+        subprocess.run(
+            [str(DEVICE / "edgeft"), "plan", str(bundle), "--batch-size", "1", "--max-seq-len", "256", "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    run = CACHE / name / f"run-{bundle.name}"
+    subprocess.run(["rm", "-rf", str(run)], check=True)
+    args = ["train", str(bundle), "--data", str(data), "--out", str(run), "--max-steps", str(steps)]
+    args += ["--batch-size", "1", "--max-seq-len", "256", "--truncate", "--no-progress", "--save-minutes", "0"]
+    log(f"{name}: edgeft train {bundle.name}")
+    result, seconds, peak = measured([str(DEVICE / "edgeft"), *args])
+    out = {"plan": plan}
+    if result.returncode != 0:
+        out["train"] = {"error": result.stderr[-2000:], "peak_rss_mb": peak}
+    else:
+        summary = json.loads((run / "summary.json").read_text())
+        out["train"] = {
+            "peak_rss_mb": peak,
+            "wall_seconds": seconds,
+            "step_seconds": summary["seconds"] / summary["steps"],
+            "tokens_per_second": summary["tokens_per_second"],
+            "recompute": summary["recompute"],
+            "losses": summary["losses"],
+        }
+    prompt = " ".join((ROOT / "examples" / "data" / "corpus.txt").read_text().split()[:110])
+    log(f"{name}: edgeft generate {bundle.name}")
+    gen = ["generate", str(bundle), "--prompt", prompt, "--max-new-tokens", "32"]
+    result, seconds, peak = measured([str(DEVICE / "edgeft"), *gen], env={"EDGEFT_TIMING": "1"})
+    out["generate"] = {"peak_rss_mb": peak, "wall_seconds": seconds, "ok": result.returncode == 0}
+    if result.returncode != 0:
+        out["generate"]["error"] = result.stderr[-2000:]
+    log(f"{name}: {bundle.name}: train peak {out['train'].get('peak_rss_mb', 0):.0f} MB, generate peak {peak:.0f} MB")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", choices=sorted(SHAPES))
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    CACHE.mkdir(parents=True, exist_ok=True)
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    for name in [args.only] if args.only else list(SHAPES):
+        model = build_checkpoint(name)
+        entry = results.setdefault(name, {})
+        entry["checkpoint_bytes"] = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+        for precision in SHAPES[name]["exports"]:
+            exported = export(name, model, precision)
+            entry[f"export_{precision}"] = exported
+            if "error" not in exported:
+                entry[f"device_{precision}"] = device_runs(name, Path(exported["bundle"]), args.steps)
+            RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    log(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
