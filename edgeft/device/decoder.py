@@ -16,7 +16,7 @@ binding path is no faster there and costs ~100 per-step binding calls.)
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from edgeft.bundle import Bundle
 from edgeft.errors import EdgeftError
 
 BASE = "base"  # the adapter name that means "no adapter"
+LOGITS_TO_KEEP = "logits_to_keep"  # optional decoder_lora.onnx input (SPEC 3b); older bundles lack it
 
 
 @dataclass
@@ -62,6 +63,9 @@ class Decoder:
         self._lora_values: dict[str, tuple[dict, dict]] = {}  # name -> (arrays, OrtValues over them)
         self.lora_inputs = graph["lora_inputs"]
         self.past_names = [n for n in graph["inputs"] if n.startswith("past_key_values.")]
+        # An input with a default (initializer) is listed with the overridable initializers.
+        inputs = [*self.session.get_inputs(), *self.session.get_overridable_initializers()]
+        self.can_keep_logits = LOGITS_TO_KEEP in {i.name for i in inputs}
         self.output_names = graph["outputs"]
         self.kv_shape = self._kv_shape()
         self.adapters: dict[str, dict[str, np.ndarray]] = {}
@@ -87,11 +91,17 @@ class Decoder:
         lora = load_adapter(path, self.bundle)
         self.adapters[name] = {n: lora[n] for n in self.lora_inputs}
 
-    def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list, adapter: str):
+    def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list, adapter: str, keep: int = 1):
         """One forward pass: returns (logits as numpy, present key/values for the next ``past``):
-        numpy arrays on CPU, OrtValues on the session's device otherwise."""
+        numpy arrays on CPU, OrtValues on the session's device otherwise. ``keep``: how many last
+        positions get logits (more than 1 needs a bundle whose decoder has ``logits_to_keep``)."""
+        extra = {}
+        if keep != 1:
+            if not self.can_keep_logits:
+                raise EdgeftError("this bundle's decoder returns the last position's logits only")
+            extra[LOGITS_TO_KEEP] = np.array(keep, np.int64)
         if not self._use_binding:
-            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **extra}
             feeds.update(zip(self.past_names, past, strict=True))
             feeds.update(self.adapters[adapter])
             outputs = self.session.run(self.output_names, feeds)
@@ -100,6 +110,8 @@ class Decoder:
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)
         binding.bind_cpu_input("position_ids", positions)
+        for name, value in extra.items():
+            binding.bind_cpu_input(name, value)
         for name, value in zip(self.past_names, past, strict=True):
             if isinstance(value, np.ndarray):
                 binding.bind_cpu_input(name, value)
@@ -152,27 +164,62 @@ class Decoder:
         heads, dim = self.kv_shape
         return [np.zeros((batch, heads, 0, dim), np.float32) for _ in self.past_names]
 
-    def generate_ids(self, prompt: list[int], adapter: str, sampling: Sampling, stop_ids: set[int]) -> Iterator[int]:
-        """Yield new token ids one by one (prefill once, then one token per step with the cache)."""
+    def generate_ids(
+        self,
+        prompt: list[int],
+        adapter: str,
+        sampling: Sampling,
+        stop_ids: set[int],
+        observe: Callable[[np.ndarray], None] | None = None,
+        score_prompt: bool = False,
+    ) -> Iterator[int]:
+        """Yield new token ids one by one (prefill once, then one token per step with the cache).
+
+        ``observe`` (if given) receives the logits rows ``[rows, vocab]`` each step produced, before
+        the token they choose is yielded: one row per step, or with ``score_prompt`` the prefill's
+        rows for every prompt position (row i predicts token i + 1; the last one the first new
+        token). With ``score_prompt`` the prefill runs even for ``max_new_tokens`` 0."""
         if adapter not in self.adapters:
             raise EdgeftError(f"unknown adapter {adapter!r} (loaded: {', '.join(self.adapters)})")
         rng = np.random.default_rng(sampling.seed)
-        ids = np.array([prompt], np.int64)
-        positions = np.arange(len(prompt), dtype=np.int64)[None]
-        past = self.empty_past()
         total = len(prompt)
         try:
-            for _ in range(sampling.max_new_tokens):
-                logits, past = self.step(ids, np.ones((1, total), np.int64), positions, past, adapter)
+            if sampling.max_new_tokens <= 0 and not score_prompt:
+                return
+            logits, past = self._prefill(prompt, adapter, score_prompt)
+            for step in range(sampling.max_new_tokens + 1):
+                if observe is not None and (step < sampling.max_new_tokens or score_prompt and step == 0):
+                    observe(logits[0] if step == 0 and score_prompt else logits[0, -1:])
+                if step == sampling.max_new_tokens:
+                    return
                 token = sample(logits[0, -1], sampling, rng)
                 yield token
-                if token in stop_ids:
+                if token in stop_ids or step + 1 == sampling.max_new_tokens:
                     return
                 ids = np.array([[token]], np.int64)
                 positions = np.array([[total]], np.int64)
                 total += 1
+                logits, past = self.step(ids, np.ones((1, total), np.int64), positions, past, adapter)
         finally:
             self._release()
+
+    def _prefill(self, prompt: list[int], adapter: str, all_logits: bool):
+        """(logits, past) after the prompt: the last position's logits, or every position's. A bundle
+        whose decoder lacks ``logits_to_keep`` (exported before it) scores token by token instead."""
+        n = len(prompt)
+        if not all_logits or self.can_keep_logits:
+            ids = np.array([prompt], np.int64)
+            positions = np.arange(n, dtype=np.int64)[None]
+            return self.step(
+                ids, np.ones((1, n), np.int64), positions, self.empty_past(), adapter, n if all_logits else 1
+            )
+        rows, past = [], self.empty_past()
+        for i, token in enumerate(prompt):
+            logits, past = self.step(
+                np.array([[token]], np.int64), np.ones((1, i + 1), np.int64), np.array([[i]], np.int64), past, adapter
+            )
+            rows.append(logits[:, -1:])
+        return np.concatenate(rows, axis=1), past
 
 
 def sample(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:

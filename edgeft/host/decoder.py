@@ -4,7 +4,10 @@ Two graphs, both with optimum's I/O names and layouts (``input_ids``, ``attentio
 ``position_ids``, ``past_key_values.{i}.key|value`` -> ``logits``, ``present.{i}.key|value``):
 
 - ``decoder_lora.onnx``: LoRA A/B are graph *inputs*, so one session serves the base model
-  and any number of adapters, switched per request.
+  and any number of adapters, switched per request. It returns the logits of the last
+  ``logits_to_keep`` positions: an optional int64 scalar input whose default (an initializer of
+  the same name, 1) is what a generator needs; a scorer (echo / prompt log-probabilities) feeds
+  the prompt length.
 - ``decoder.onnx``: the plain base model, the template ``edgeft merge`` fills with fused weights.
 
 Base weights are not copied: each weight initializer points (ONNX external data) into
@@ -20,6 +23,7 @@ from edgeft.host.graph import externalize
 
 DECODER_LORA = "decoder_lora.onnx"
 DECODER = "decoder.onnx"
+LOGITS_TO_KEEP = "logits_to_keep"  # decoder_lora.onnx: how many last positions get logits (default 1)
 MATMUL_NBITS = True  # int4 decoders: MatMulNBits over the stored bytes (False: dequantize + MatMul)
 MATMUL_INTEGER = True  # int8 decoders: DynamicQuantizeLinear + MatMulInteger (False: dequantize + MatMul)
 
@@ -32,7 +36,9 @@ def export_decoders(
     ``file_keys``/``ranges``: graph name -> weights.safetensors key, key -> byte range (the file is
     already written). ``quant`` (``--quantize``): {onnx name: QuantTensor}; those weights are read
     from their quantized data and scales."""
+    import numpy as np
     import onnx
+    from onnx import numpy_helper
 
     entries = {}
     for name, with_lora in ((DECODER_LORA, True), (DECODER, False)):
@@ -50,6 +56,8 @@ def export_decoders(
         del graph.input[:]
         graph.input.extend(inputs)  # the template decoder drops the LoRA inputs it never reads
         externalize(graph, file_keys, ranges, {})
+        if with_lora:  # after externalize, which would drop an input that has an initializer
+            graph.initializer.append(numpy_helper.from_array(np.array(1, np.int64), LOGITS_TO_KEEP))
         lora = [i.name for i in graph.input if ".lora_" in i.name]
         trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
         if with_lora and sorted(lora) != sorted(trainable):
@@ -65,10 +73,11 @@ def export_decoders(
 
 
 def decoder_module(peft_model, hf_config: dict, last_logits: bool = False):
-    """torch module: (input_ids, attention_mask, position_ids, *past) -> (logits, *present).
+    """torch module: (input_ids, attention_mask, position_ids, *past[, logits_to_keep]) -> (logits, *present).
 
-    ``last_logits``: logits of the last position only (``[batch, 1, vocab]``), all a generator reads;
-    a prefill then skips lm_head over the rest of the prompt (transformers' ``logits_to_keep=1``)."""
+    ``last_logits``: the module takes a last argument ``logits_to_keep`` (int64 scalar) and returns
+    the logits of that many last positions (``[batch, keep, vocab]``); a generator keeps 1, so a
+    prefill skips lm_head over the rest of the prompt (transformers' ``logits_to_keep``)."""
     import torch
     from transformers import DynamicCache
 
@@ -81,6 +90,9 @@ def decoder_module(peft_model, hf_config: dict, last_logits: bool = False):
             self.peft = peft_model
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
+            keep = None
+            if last_logits:
+                *past, keep = past
             cache = DynamicCache.from_legacy_cache(tuple((past[2 * i], past[2 * i + 1]) for i in range(layers)))
             mask = decode_mask(attention_mask, input_ids.shape[1], window)
             kwargs = dict(
@@ -90,8 +102,9 @@ def decoder_module(peft_model, hf_config: dict, last_logits: bool = False):
                 past_key_values=cache,
                 use_cache=True,
             )
-            if last_logits:
-                kwargs["logits_to_keep"] = 1
+            if keep is not None:  # a tensor of positions: transformers gathers those rows before lm_head
+                seq = input_ids.shape[1]
+                kwargs["logits_to_keep"] = torch.arange(seq - keep, seq)
             out = self.peft(**kwargs)
             present = [t for layer in out.past_key_values.to_legacy_cache() for t in layer]
             return (out.logits, *present)
@@ -135,14 +148,18 @@ def _trace(peft_model, hf_config: dict, out: Path, with_lora: bool):
         "input_ids": {0: "batch_size", 1: "sequence_length"},
         "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
         "position_ids": {0: "batch_size", 1: "sequence_length"},
-        "logits": {0: "batch_size"} if with_lora else {0: "batch_size", 1: "sequence_length"},
+        "logits": {0: "batch_size", 1: "logits_length" if with_lora else "sequence_length"},
     }
     dynamic.update({n: {0: "batch_size", 2: "past_sequence_length"} for n in past_names})
     dynamic.update({n: {0: "batch_size", 2: "total_sequence_length"} for n in present_names})
-    # edgeft's own decoder (with LoRA inputs) returns the last position's logits; the adapter-free
-    # decoder.onnx keeps every position's, since `edgeft merge` hands it to optimum users as is.
+    # edgeft's own decoder (with LoRA inputs) returns the last `logits_to_keep` positions' logits; the
+    # adapter-free decoder.onnx keeps every position's, since `edgeft merge` hands it to optimum as is.
     module = decoder_module(peft_model, hf_config, last_logits=with_lora).eval()
     adapters = contextlib.nullcontext() if with_lora else peft_model.disable_adapter()
     names = ["input_ids", "attention_mask", "position_ids", *past_names]
+    args = (ids, mask, pos, *past)
+    if with_lora:
+        names.append(LOGITS_TO_KEEP)
+        args = (*args, torch.tensor(2, dtype=torch.int64))
     with adapters:
-        return trace(module, (ids, mask, pos, *past), out / ".decoder.raw", names, ["logits", *present_names], dynamic)
+        return trace(module, args, out / ".decoder.raw", names, ["logits", *present_names], dynamic)
