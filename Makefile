@@ -21,11 +21,12 @@ $(HOST_STAMP): setup.cfg pyproject.toml
 	$(VENV)/bin/pip install $(PIP_FLAGS) -e ".[host,dev]"
 	@touch $@
 
-# Device environment: only the `device` extra (the newest plain onnxruntime). The tests run edgeft
-# here to prove the device side needs neither torch nor the training build.
+# Device environment: the `device` extra (the newest plain onnxruntime), plus onnxruntime-genai as
+# a test client (the `genai` extra: no torch either). The tests run edgeft here to prove the device
+# side needs neither torch nor the training build.
 $(DEVICE_STAMP): setup.cfg pyproject.toml
 	$(PY) -m venv $(DEVICE_VENV)
-	$(DEVICE_VENV)/bin/pip install $(PIP_FLAGS) -e ".[device]"
+	$(DEVICE_VENV)/bin/pip install $(PIP_FLAGS) -e ".[device,genai]"
 	@touch $@
 
 # The oldest onnxruntime the device supports: the tests compare it with the newest.

@@ -5,9 +5,9 @@ Two graphs, both with optimum's I/O names and layouts (``input_ids``, ``attentio
 
 - ``decoder_lora.onnx``: LoRA A/B are graph *inputs*, so one session serves the base model
   and any number of adapters, switched per request. It returns the logits of the last
-  ``logits_to_keep`` positions: an optional int64 scalar input whose default (an initializer of
-  the same name, 1) is what a generator needs; a scorer (echo / prompt log-probabilities) feeds
-  the prompt length.
+  ``logits_to_keep`` positions (all of them when it is at least the sequence length): an optional
+  int64 scalar input whose default (an initializer of the same name, 1) is what a generator
+  needs; a scorer (echo / prompt log-probabilities) feeds the prompt length.
 - ``decoder.onnx``: the plain base model, the template ``edgeft merge`` fills with fused weights.
 
 Base weights are not copied: each weight initializer points (ONNX external data) into
@@ -104,7 +104,7 @@ def decoder_module(peft_model, hf_config: dict, last_logits: bool = False):
             )
             if keep is not None:  # a tensor of positions: transformers gathers those rows before lm_head
                 seq = input_ids.shape[1]
-                kwargs["logits_to_keep"] = torch.arange(seq - keep, seq)
+                kwargs["logits_to_keep"] = torch.arange(torch.clamp(seq - keep, min=0), seq)
             out = self.peft(**kwargs)
             present = [t for layer in out.past_key_values.to_legacy_cache() for t in layer]
             return (out.logits, *present)
