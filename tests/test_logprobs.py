@@ -44,7 +44,7 @@ def server(generator) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def reference(factory, adapter_dir):
     """log_softmax of transformers' logits (PEFT adapter) for the prompt and, from a greedy
-    continuation of 6 tokens, every position of prompt + continuation."""
+    continuation of up to 6 tokens (cut before a stop token), every position of prompt + continuation."""
     import torch
 
     model = torch_peft_model(factory.model("llama"), adapter_dir)
@@ -54,7 +54,9 @@ def reference(factory, adapter_dir):
         out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=6, do_sample=False)
         full = out[0].tolist()
         logits = model(input_ids=torch.tensor([full])).logits[0].double()
-    return ids, full[len(ids) :], torch.log_softmax(logits, -1).numpy()
+    continuation = full[len(ids) :]
+    stops = [i for i, t in enumerate(continuation) if t in gen.stop_ids]
+    return ids, continuation[: stops[0] if stops else None], torch.log_softmax(logits, -1).numpy()
 
 
 def _post(server: str, path: str, body: dict) -> httpx.Response:
@@ -108,7 +110,7 @@ def test_logprobs_without_echo_score_only_the_completion(server, reference):
     want = [lp[len(ids) + j - 1, t] for j, t in enumerate(continuation)]
     np.testing.assert_allclose(got["token_logprobs"], want, atol=TOLERANCE, rtol=0)
     assert all(len(top) == 1 for top in got["top_logprobs"])  # logprobs 0: the chosen token only
-    assert len(got["tokens"]) == 6 and got["text_offset"][0] == 0
+    assert len(got["tokens"]) == len(continuation) and got["text_offset"][0] == 0
 
 
 def test_max_tokens_zero_without_echo_is_empty(server):

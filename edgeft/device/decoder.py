@@ -66,6 +66,9 @@ class Decoder:
         # An input with a default (initializer) is listed with the overridable initializers.
         inputs = [*self.session.get_inputs(), *self.session.get_overridable_initializers()]
         self.can_keep_logits = LOGITS_TO_KEEP in {i.name for i in inputs}
+        # A GroupQueryAttention decoder: one preallocated cache per request, bound as past and present
+        # (CPU only: other providers keep the device-resident growing cache of the binding path).
+        self.shared_kv = graph.get("kv_cache") == "shared" and not self._use_binding
         self.output_names = graph["outputs"]
         self.kv_shape = self._kv_shape()
         self.adapters: dict[str, dict[str, np.ndarray]] = {}
@@ -186,7 +189,8 @@ class Decoder:
         try:
             if sampling.max_new_tokens <= 0 and not score_prompt:
                 return
-            logits, past = self._prefill(prompt, adapter, score_prompt)
+            run = self._cache(adapter, len(prompt) + max(sampling.max_new_tokens, 0))
+            logits = self._prefill(run, prompt, score_prompt)
             for step in range(sampling.max_new_tokens + 1):
                 if observe is not None and (step < sampling.max_new_tokens or score_prompt and step == 0):
                     observe(logits[0] if step == 0 and score_prompt else logits[0, -1:])
@@ -196,30 +200,92 @@ class Decoder:
                 yield token
                 if token in stop_ids or step + 1 == sampling.max_new_tokens:
                     return
-                ids = np.array([[token]], np.int64)
-                positions = np.array([[total]], np.int64)
+                logits = run(np.array([[token]], np.int64), total)
                 total += 1
-                logits, past = self.step(ids, np.ones((1, total), np.int64), positions, past, adapter)
         finally:
             self._release()
 
-    def _prefill(self, prompt: list[int], adapter: str, all_logits: bool):
-        """(logits, past) after the prompt: the last position's logits, or every position's. A bundle
-        whose decoder lacks ``logits_to_keep`` (exported before it) scores token by token instead."""
+    def _cache(self, adapter: str, capacity: int) -> GrowingCache | SharedCache:
+        """The KV cache of one request of at most ``capacity`` tokens."""
+        if self.shared_kv:
+            return SharedCache(self, adapter, capacity)
+        return GrowingCache(self, adapter)
+
+    def _prefill(self, run: GrowingCache | SharedCache, prompt: list[int], all_logits: bool) -> np.ndarray:
+        """Logits after the prompt: the last position's, or every position's. A bundle whose decoder
+        lacks ``logits_to_keep`` (exported before it) scores token by token instead."""
         n = len(prompt)
         if not all_logits or self.can_keep_logits:
-            ids = np.array([prompt], np.int64)
-            positions = np.arange(n, dtype=np.int64)[None]
-            return self.step(
-                ids, np.ones((1, n), np.int64), positions, self.empty_past(), adapter, n if all_logits else 1
-            )
-        rows, past = [], self.empty_past()
-        for i, token in enumerate(prompt):
-            logits, past = self.step(
-                np.array([[token]], np.int64), np.ones((1, i + 1), np.int64), np.array([[i]], np.int64), past, adapter
-            )
-            rows.append(logits[:, -1:])
-        return np.concatenate(rows, axis=1), past
+            return run(np.array([prompt], np.int64), 0, n if all_logits else 1)
+        rows = [run(np.array([[token]], np.int64), i)[:, -1:] for i, token in enumerate(prompt)]
+        return np.concatenate(rows, axis=1)
+
+
+class GrowingCache:
+    """A request's KV cache fed back as the next past: each step's present is one position longer
+    (the graph concatenates). Works for every decoder and provider (see :meth:`Decoder.step`)."""
+
+    def __init__(self, decoder: Decoder, adapter: str):
+        self.decoder, self.adapter, self.past = decoder, adapter, decoder.empty_past()
+
+    def __call__(self, ids: np.ndarray, start: int, keep: int = 1) -> np.ndarray:
+        """Logits of ``ids`` placed at positions ``start``...; the cache grows by them."""
+        total = start + ids.shape[1]
+        positions = np.arange(start, total, dtype=np.int64)[None]
+        mask = np.ones((1, total), np.int64)
+        logits, self.past = self.decoder.step(ids, mask, positions, self.past, self.adapter, keep)
+        return logits
+
+
+class SharedCache:
+    """A request's KV cache preallocated for all its tokens and bound as both the past and the
+    present of every layer: GroupQueryAttention appends each step's keys/values in place, so the
+    cache is neither concatenated nor copied per step (``graphs.decoder_lora.kv_cache: shared``,
+    CPU). Inputs that do not change (the cache, the adapter's tensors) are bound once."""
+
+    def __init__(self, decoder: Decoder, adapter: str, capacity: int):
+        heads, dim = decoder.kv_shape
+        self.decoder, self.adapter, self.session = decoder, adapter, decoder.session
+        self.binding = binding = decoder.session.io_binding()
+        # Only positions below the sequence length are ever read, so the memory needs no zeroing.
+        self.buffers = [np.empty((1, heads, capacity, dim), np.float32) for _ in decoder.past_names]
+        self.logits_name = decoder.output_names[0]
+        binding.bind_output(self.logits_name, "cpu")  # bound first: output 0 of every run (rebinding keeps the slot)
+        for past, present, buffer in zip(decoder.past_names, decoder.output_names[1:], self.buffers, strict=True):
+            binding.bind_input(past, "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
+            binding.bind_output(present, "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
+        self.lora = decoder.adapters[adapter]  # held: the binding reads these arrays in place
+        for name, array in self.lora.items():
+            binding.bind_cpu_input(name, array)
+        self._fed: list[np.ndarray] = []
+
+    def __call__(self, ids: np.ndarray, start: int, keep: int = 1) -> np.ndarray:
+        total = start + ids.shape[1]
+        if keep != 1:
+            return self._run_keeping(ids, start, keep)
+        feeds = {
+            "input_ids": ids,
+            "attention_mask": np.ones((1, total), np.int64),
+            "position_ids": np.arange(start, total, dtype=np.int64)[None],
+        }
+        self._fed = list(feeds.values())  # alive until the run is over
+        for name, value in feeds.items():
+            self.binding.bind_cpu_input(name, value)
+        self.binding.bind_output(self.logits_name, "cpu")
+        self.session.run_with_iobinding(self.binding)
+        return self.binding.get_outputs()[0].numpy()
+
+    def _run_keeping(self, ids: np.ndarray, start: int, keep: int) -> np.ndarray:
+        """A step that feeds ``logits_to_keep`` (prompt scoring): an IOBinding cannot bind an
+        input that has a default (onnxruntime 1.19 refuses it), so this one step runs with plain
+        feeds on the cache so far, and its present is copied into the buffers once."""
+        past = [b[:, :, :start] for b in self.buffers]
+        total = start + ids.shape[1]
+        positions = np.arange(start, total, dtype=np.int64)[None]
+        logits, present = self.decoder.step(ids, np.ones((1, total), np.int64), positions, past, self.adapter, keep)
+        for buffer, value in zip(self.buffers, present, strict=True):
+            buffer[:, :, :total] = value[:, :, :total]
+        return logits
 
 
 def sample(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
