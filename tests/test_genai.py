@@ -23,7 +23,7 @@ from edgeft.device.decoder import BASE, Sampling
 from edgeft.device.generate import TextGenerator
 
 VENV = os.environ.get("EDGEFT_DEVICE_VENV")
-pytestmark = pytest.mark.skipif(not VENV, reason="EDGEFT_DEVICE_VENV not set (make test sets it)")
+NEEDS_VENV = pytest.mark.skipif(not VENV, reason="EDGEFT_DEVICE_VENV not set (make test sets it)")
 PROMPT = "Station north ridge: pump is worn. What should the crew do?"
 NEW_TOKENS = 16
 TARGETS = {"phi3": ["qkv_proj", "o_proj"]}
@@ -80,6 +80,7 @@ def _genai(bundle: Path, adapter: Path, out: Path, ids: list[int], merge: bool) 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@NEEDS_VENV
 @pytest.mark.parametrize("kind", [*MODEL_TYPES, "llama-int4"])
 def test_genai_greedy_equals_edgeft_generate(factory, tmp_path, kind):
     model_type = kind.split("-")[0]
@@ -103,3 +104,48 @@ def test_genai_greedy_equals_edgeft_generate(factory, tmp_path, kind):
     # tokenizer.json's post-processor, which is what adds the BOS of the tiny models' tokenizer
     # (a PreTrainedTokenizerFast): an app prepends it, as the prompts above do.
     assert got["tokenizer"] == gen.tokenizer.encode(PROMPT, add_special_tokens=False)
+
+
+def test_export_genai_errors_are_one_line(factory, tmp_path):
+    """No genai package needed: what export-genai refuses, with nothing written."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from edgeft.cli import main
+    from edgeft.device.genai import KEEP_ALL, LOGITS_TO_KEEP, keep_all_logits
+
+    bundle = factory.bundle("llama")
+    out = tmp_path / "genai"
+    cases = {
+        "bad adapter name": (["--adapter", "../x=" + str(bundle / "adapter")], "plain file name"),
+        "out inside the bundle": (["--out", str(bundle / "genai")], "must not be"),
+        "adapter that does not fit": (["--adapter", f"a={tmp_path / 'missing'}"], "missing"),
+    }
+    for case, (extra, message) in cases.items():
+        args = ["export-genai", str(bundle), "--out", str(out), *extra]
+        if "--out" in extra:
+            args = ["export-genai", str(bundle), *extra]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1, (
+            case,
+            result.output,
+        )
+        assert not out.exists() and not (bundle / "genai").exists(), case
+    # The logits_to_keep default is rewritten in place; a decoder without it (an older bundle) is refused.
+    model = (bundle / "decoder_lora.onnx").read_bytes()
+    patched = keep_all_logits(model, bundle / "decoder_lora.onnx")
+    assert len(patched) == len(model) and patched != model
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in onnx.load_from_string(patched).graph.initializer}
+    assert int(numpy_helper.to_array(inits[LOGITS_TO_KEEP])) == KEEP_ALL
+    old = tmp_path / "old"
+    shutil.copytree(bundle, old)
+    stripped = onnx.load(str(old / "decoder_lora.onnx"), load_external_data=False)
+    kept = [i for i in stripped.graph.initializer if i.name != LOGITS_TO_KEEP]
+    del stripped.graph.initializer[:]
+    stripped.graph.initializer.extend(kept)
+    with pytest.raises(Exception, match="re-export the bundle"):
+        keep_all_logits(stripped.SerializeToString(), old / "decoder_lora.onnx")
