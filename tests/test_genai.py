@@ -100,6 +100,10 @@ def test_genai_greedy_equals_edgeft_generate(factory, tmp_path, kind):
         assert len(got[name]) == len(tokens) + at_eos and (not at_eos or got[name][-1] in gen.stop_ids), name
     if not options:  # merge needs a float32 bundle
         assert got["merged"] == got["tuned"]
+        merged_config = json.loads((tmp_path / "merged" / "genai_config.json").read_text())
+        assert merged_config["search"]["past_present_share_buffer"] is False  # eager attention, growing cache
+    # The GroupQueryAttention decoder: genai preallocates the cache and appends in place.
+    assert json.loads((tmp_path / "genai" / "genai_config.json").read_text())["search"]["past_present_share_buffer"]
     # genai's own tokenizer reads the same files and splits the text the same way; it does not run
     # tokenizer.json's post-processor, which is what adds the BOS of the tiny models' tokenizer
     # (a PreTrainedTokenizerFast): an app prepends it, as the prompts above do.

@@ -73,7 +73,8 @@ def export_genai(cfg: GenaiConfig) -> Path:
         (staging / MODEL_FILE).write_bytes(model + appended_initializers(defaults))
         _link_or_copy(bundle.path(bundle.manifest.get("weights", WEIGHTS)), staging / WEIGHTS)
         copy_tokenizer(bundle, staging)
-        write_config(staging, genai_config(bundle, MODEL_FILE))
+        shared = graph.get("kv_cache") == "shared"  # GroupQueryAttention: genai appends to the cache in place
+        write_config(staging, genai_config(bundle, MODEL_FILE, share_buffer=shared))
         for name, lora in adapters.items():
             write_adapter(lora, staging / f"{name}{ADAPTER_SUFFIX}")
     return out
@@ -83,9 +84,11 @@ def genai_supported(bundle: Bundle) -> bool:
     return json.loads(bundle.path("config.json").read_text()).get("model_type") in GENAI_TYPES
 
 
-def genai_config(bundle: Bundle, filename: str) -> dict:
-    """``genai_config.json`` for the decoder ``filename`` (optimum's I/O names, KV cache
-    ``[batch, kv_heads, past, head_dim]`` grown each step, so ``past_present_share_buffer`` false)."""
+def genai_config(bundle: Bundle, filename: str, share_buffer: bool = False) -> dict:
+    """``genai_config.json`` for the decoder ``filename`` (optimum's I/O names). ``share_buffer``:
+    the decoder's attention is GroupQueryAttention, so onnxruntime-genai may preallocate the KV
+    cache and bind it as past and present (``past_present_share_buffer``); otherwise the cache
+    ``[batch, kv_heads, past, head_dim]`` is fed back grown each step."""
     hf = json.loads(bundle.path("config.json").read_text())
     model_type = hf.get("model_type")
     if model_type not in GENAI_TYPES:
@@ -145,7 +148,7 @@ def genai_config(bundle: Bundle, filename: str) -> dict:
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": share_buffer,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,
