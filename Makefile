@@ -58,11 +58,13 @@ format: $(HOST_STAMP)
 clean:
 	rm -rf $(VENV) $(DEVICE_VENV) $(OLD_DEVICE_VENV) demo-out .pytest_cache
 
-# Benchmarks against torch + PEFT and transformers generate (benchmarks/RESULTS.md).
+# Benchmarks against torch + PEFT, transformers generate and onnxruntime-genai (benchmarks/RESULTS.md;
+# genai_decode.py runs onnxruntime-genai in the device venv).
 .PHONY: bench bench-quick
-bench: $(HOST_STAMP)
+bench: $(HOST_STAMP) $(DEVICE_STAMP)
 	$(VENV)/bin/python benchmarks/ab.py
 	$(VENV)/bin/python benchmarks/bench.py
+	EDGEFT_DEVICE_VENV="$(CURDIR)/$(DEVICE_VENV)" $(VENV)/bin/python benchmarks/genai_decode.py
 
 bench-quick: $(HOST_STAMP)
 	$(VENV)/bin/python benchmarks/bench.py --quick

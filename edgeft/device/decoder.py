@@ -96,8 +96,12 @@ class Decoder:
 
     def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list, adapter: str, keep: int = 1):
         """One forward pass: returns (logits as numpy, present key/values for the next ``past``):
-        numpy arrays on CPU, OrtValues on the session's device otherwise. ``keep``: how many last
-        positions get logits (more than 1 needs a bundle whose decoder has ``logits_to_keep``)."""
+        numpy arrays on CPU, OrtValues on the session's device otherwise; with a
+        :class:`SharedCache` as ``past``, that cache (appended in place). ``keep``: how many last
+        positions get logits (more than 1 needs a bundle whose decoder has ``logits_to_keep``).
+        Every decoder step of a generation goes through here."""
+        if isinstance(past, SharedCache):
+            return past.run(ids, mask, positions, keep), past
         extra = {}
         if keep != 1:
             if not self.can_keep_logits:
@@ -260,14 +264,15 @@ class SharedCache:
         self._fed: list[np.ndarray] = []
 
     def __call__(self, ids: np.ndarray, start: int, keep: int = 1) -> np.ndarray:
+        """Logits of ``ids`` placed at positions ``start``... (through :meth:`Decoder.step`)."""
         total = start + ids.shape[1]
+        positions = np.arange(start, total, dtype=np.int64)[None]
+        return self.decoder.step(ids, np.ones((1, total), np.int64), positions, self, self.adapter, keep)[0]
+
+    def run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, keep: int = 1) -> np.ndarray:
         if keep != 1:
-            return self._run_keeping(ids, start, keep)
-        feeds = {
-            "input_ids": ids,
-            "attention_mask": np.ones((1, total), np.int64),
-            "position_ids": np.arange(start, total, dtype=np.int64)[None],
-        }
+            return self._run_keeping(ids, int(positions[0, 0]), keep)
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
         self._fed = list(feeds.values())  # alive until the run is over
         for name, value in feeds.items():
             self.binding.bind_cpu_input(name, value)
