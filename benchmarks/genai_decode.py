@@ -119,6 +119,7 @@ def worker_device(args) -> dict:
                 rates[name].append(run(ids))
         for name, values in rates.items():
             out[f"{name}/{ctx}"] = statistics.median(values)
+            out.setdefault("samples", {})[f"{name}/{ctx}"] = values
             print(f"{name} ctx {ctx}: {out[f'{name}/{ctx}']:.2f} tok/s {values}", file=sys.stderr, flush=True)
     return out
 
@@ -150,6 +151,7 @@ def worker_torch(args) -> dict:
                 )
             rates.append(_decode_rate(clock.stamps[1:]))
         out[f"transformers/{kind}/{ctx}"] = statistics.median(rates)
+        out.setdefault("samples", {})[f"transformers/{kind}/{ctx}"] = rates
         print(
             f"transformers {kind} ctx {ctx}: {out[f'transformers/{kind}/{ctx}']:.2f} tok/s", file=sys.stderr, flush=True
         )
@@ -229,15 +231,17 @@ def run(plan: dict, log=print) -> dict:
     device += ["--concat-bundle", str(concat), "--merged", str(merged), "--genai", str(exported)]
     torch = [sys.executable, str(Path(__file__)), "--worker", "torch", *shared, "--model", str(p["model"])]
     versions: dict = {}
+    samples: dict = {}
     load = {"before": os.getloadavg()[0]}  # 1-minute load average: other processes on the machine
     for cmd in (device, torch):
         done = subprocess.run(cmd, check=True, env=_env(), stdout=subprocess.PIPE, text=True)
         part = json.loads(done.stdout.strip().splitlines()[-1])
         versions.update(part.pop("versions"))
+        samples.update(part.pop("samples"))
         results.update(part)
     load["after"] = os.getloadavg()[0]
     return {"plan": plan, "meta": meta, "machine": common.machine_info(), "versions": versions,
-            "load_average": load, "tokens_per_second": results}  # fmt: skip
+            "load_average": load, "tokens_per_second": results, "samples": samples}  # fmt: skip
 
 
 def table(result: dict) -> str:
