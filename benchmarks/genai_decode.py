@@ -270,6 +270,14 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def samples_table(result: dict) -> str:
+    """Every repeat's tokens/s, in the order they ran (engines interleaved within a repeat)."""
+    lines = ["| run | tokens/s per repeat |", "|---|---|"]
+    for key, values in result["samples"].items():
+        lines.append(f"| {key} | {', '.join(f'{v:.1f}' for v in values)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -287,6 +295,8 @@ def main() -> None:
     result = run(QUICK if args.quick else FULL)
     OUT.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
+    print()
+    print(samples_table(result))
 
 
 if __name__ == "__main__":
