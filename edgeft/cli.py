@@ -300,13 +300,34 @@ def serve(adapter_specs, **options):
     from edgeft.device.server import ServeConfig
     from edgeft.device.server import serve as run_server
 
+    run_server(ServeConfig(adapters=_named_adapters(adapter_specs), **options))
+
+
+def _named_adapters(specs) -> dict[str, Path]:
     adapters = {}
-    for spec in adapter_specs:
+    for spec in specs:
         name, _, path = spec.partition("=")
         if not name or not path or name in adapters:
             raise click.BadParameter(f"{spec!r}: expected NAME=DIR, each NAME once", param_hint="--adapter")
         adapters[name] = Path(path)
-    run_server(ServeConfig(adapters=adapters, **options))
+    return adapters
+
+
+@main.command(name="export-genai")
+@click.argument("bundle", type=PathArg)
+@click.option("--out", required=True, type=PathArg, help="Directory to write (an onnxruntime-genai model).")
+@click.option(
+    "--adapter", "adapter_specs", multiple=True, metavar="NAME=DIR", help="Write a PEFT adapter as NAME.onnx_adapter."
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing directory at --out.")
+@TRUSTED_KEY
+def export_genai(bundle, out, adapter_specs, overwrite, trusted_key):
+    """(device) The bundle as an onnxruntime-genai model whose adapters switch with its Adapters API."""
+    from edgeft.device.genai import GenaiConfig
+    from edgeft.device.genai import export_genai as run_export
+
+    cfg = GenaiConfig(bundle, out, _named_adapters(adapter_specs), overwrite, trusted_key)
+    click.echo(f"onnxruntime-genai model: {run_export(cfg)}")
 
 
 @main.group(invoke_without_command=True)

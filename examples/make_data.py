@@ -59,6 +59,20 @@ def main() -> None:
     with open(HERE / "eval.jsonl", "w") as f:
         for prompt, answer, _ in evaluation:
             f.write(json.dumps({"prompt": prompt, "completion": " " + answer}) + "\n")
+    write_lm_eval_docs(evaluation[:24])
+
+
+def write_lm_eval_docs(rows: list[tuple[str, str, str]]) -> None:
+    """examples/lm_eval/stations.jsonl: the documents of the two lm-evaluation-harness tasks there
+    (a multiple-choice pick of the crew's action, and the generated answer)."""
+    actions = list(STATES.values())
+    out = Path(__file__).parent / "lm_eval" / "stations.jsonl"
+    with open(out, "w") as f:
+        for prompt, answer, _ in rows:
+            head, action = answer[:-1].split(": ")
+            choices = [f"{head}: {a}." for a in actions]
+            doc = {"question": prompt, "choices": choices, "label": actions.index(action), "answer": answer}
+            f.write(json.dumps(doc) + "\n")
 
 
 if __name__ == "__main__":

@@ -136,3 +136,32 @@ def test_chat_prompt_uses_template(factory):
     messages = [{"role": "user", "content": PROMPT}]
     hf_tok = AutoTokenizer.from_pretrained(factory.model("llama"))
     assert gen.encode(None, messages) == hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+
+
+def test_sliding_window_equals_transformers(factory, tmp_path):
+    """A mistral config with a window shorter than the prompt: GroupQueryAttention's local window
+    (W - 1 keys to the left) attends exactly as transformers' sliding-window mask (q - k < W)."""
+    import json
+    import shutil
+
+    import torch
+
+    from edgeft.host.export import ExportConfig, export_bundle
+
+    model_dir = tmp_path / "mistral-window"
+    shutil.copytree(factory.model("mistral"), model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["sliding_window"] = 6
+    (model_dir / "config.json").write_text(json.dumps(config))
+    bundle = export_bundle(ExportConfig(model_dir, tmp_path / "bundle", max_seq_len=64))
+    adapter = make_peft_adapter(model_dir, tmp_path / "adapter", targets=["q_proj", "v_proj"], b_std=0.3)
+    gen = TextGenerator(bundle)
+    gen.decoder.add_adapter("a", adapter)
+    ids = gen.encode(PROMPT)
+    stream = gen.stream(ids, "a", Sampling(max_new_tokens=24))
+    list(stream)
+    model = torch_peft_model(model_dir, adapter)
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=24, do_sample=False)
+    assert len(ids) > 12 and stream.tokens == out[0, len(ids) : len(ids) + len(stream.tokens)].tolist()
+    assert len(stream.tokens) >= 12

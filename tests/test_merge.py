@@ -70,6 +70,7 @@ def test_optimum_generates_what_edgeft_serves(merged, model_type):
             "weights.safetensors",
             "config.json",
             "generation_config.json",
+            "genai_config.json",  # onnxruntime-genai loads the same directory (tests/test_genai.py)
             "tokenizer.json",
             "tokenizer_config.json",
         ]

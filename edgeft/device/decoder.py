@@ -16,7 +16,7 @@ binding path is no faster there and costs ~100 per-step binding calls.)
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +26,7 @@ from edgeft.bundle import Bundle
 from edgeft.errors import EdgeftError
 
 BASE = "base"  # the adapter name that means "no adapter"
+LOGITS_TO_KEEP = "logits_to_keep"  # optional decoder_lora.onnx input (SPEC 3b); older bundles lack it
 
 
 @dataclass
@@ -64,6 +65,12 @@ class Decoder:
         # Longrope (phi3): past this length every position takes the long rope factors (SPEC section 3b).
         self.recompute_beyond = graph.get("recompute_cache_beyond")
         self.past_names = [n for n in graph["inputs"] if n.startswith("past_key_values.")]
+        # An input with a default (initializer) is listed with the overridable initializers.
+        inputs = [*self.session.get_inputs(), *self.session.get_overridable_initializers()]
+        self.can_keep_logits = LOGITS_TO_KEEP in {i.name for i in inputs}
+        # A GroupQueryAttention decoder: one preallocated cache per request, bound as past and present
+        # (CPU only: other providers keep the device-resident growing cache of the binding path).
+        self.shared_kv = graph.get("kv_cache") == "shared" and not self._use_binding
         self.output_names = graph["outputs"]
         self.kv_shape = self._kv_shape()
         self.adapters: dict[str, dict[str, np.ndarray]] = {}
@@ -89,11 +96,21 @@ class Decoder:
         lora = load_adapter(path, self.bundle)
         self.adapters[name] = {n: lora[n] for n in self.lora_inputs}
 
-    def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list, adapter: str):
+    def step(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list, adapter: str, keep: int = 1):
         """One forward pass: returns (logits as numpy, present key/values for the next ``past``):
-        numpy arrays on CPU, OrtValues on the session's device otherwise."""
+        numpy arrays on CPU, OrtValues on the session's device otherwise; with a
+        :class:`SharedCache` as ``past``, that cache (appended in place). ``keep``: how many last
+        positions get logits (more than 1 needs a bundle whose decoder has ``logits_to_keep``).
+        Every decoder step of a generation goes through here."""
+        if isinstance(past, SharedCache):
+            return past.run(ids, mask, positions, keep), past
+        extra = {}
+        if keep != 1:
+            if not self.can_keep_logits:
+                raise EdgeftError("this bundle's decoder returns the last position's logits only")
+            extra[LOGITS_TO_KEEP] = np.array(keep, np.int64)
         if not self._use_binding:
-            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, **extra}
             feeds.update(zip(self.past_names, past, strict=True))
             feeds.update(self.adapters[adapter])
             outputs = self.session.run(self.output_names, feeds)
@@ -102,6 +119,8 @@ class Decoder:
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)
         binding.bind_cpu_input("position_ids", positions)
+        for name, value in extra.items():
+            binding.bind_cpu_input(name, value)
         for name, value in zip(self.past_names, past, strict=True):
             if isinstance(value, np.ndarray):
                 binding.bind_cpu_input(name, value)
@@ -154,27 +173,48 @@ class Decoder:
         heads, dim = self.kv_shape
         return [np.zeros((batch, heads, 0, dim), np.float32) for _ in self.past_names]
 
-    def generate_ids(self, prompt: list[int], adapter: str, sampling: Sampling, stop_ids: set[int]) -> Iterator[int]:
-        """Yield new token ids one by one (prefill once, then one token per step with the cache)."""
+    def generate_ids(
+        self,
+        prompt: list[int],
+        adapter: str,
+        sampling: Sampling,
+        stop_ids: set[int],
+        observe: Callable[[np.ndarray], None] | None = None,
+        score_prompt: bool = False,
+    ) -> Iterator[int]:
+        """Yield new token ids one by one (prefill once, then one token per step with the cache).
+
+        ``observe`` (if given) receives the logits rows ``[rows, vocab]`` each step produced, before
+        the token they choose is yielded: one row per step, or with ``score_prompt`` the prefill's
+        rows for every prompt position (row i predicts token i + 1; the last one the first new
+        token). With ``score_prompt`` the prefill runs even for ``max_new_tokens`` 0."""
         if adapter not in self.adapters:
             raise EdgeftError(f"unknown adapter {adapter!r} (loaded: {', '.join(self.adapters)})")
         rng = np.random.default_rng(sampling.seed)
+        total = len(prompt)
         tokens = list(prompt)
-        ids = np.array([tokens], np.int64)
-        past = self.empty_past()
         try:
-            for _ in range(sampling.max_new_tokens):
-                total = len(tokens)
-                if self._recompute(total - ids.shape[1], total):
-                    ids, past = np.array([tokens], np.int64), self.empty_past()
-                positions = np.arange(total - ids.shape[1], total, dtype=np.int64)[None]
-                logits, past = self.step(ids, np.ones((1, total), np.int64), positions, past, adapter)
+            if sampling.max_new_tokens <= 0 and not score_prompt:
+                return
+            capacity = len(prompt) + max(sampling.max_new_tokens, 0)
+            run = self._cache(adapter, capacity)
+            logits = self._prefill(run, prompt, score_prompt)
+            for step in range(sampling.max_new_tokens + 1):
+                if observe is not None and (step < sampling.max_new_tokens or score_prompt and step == 0):
+                    observe(logits[0] if step == 0 and score_prompt else logits[0, -1:])
+                if step == sampling.max_new_tokens:
+                    return
                 token = sample(logits[0, -1], sampling, rng)
                 yield token
-                if token in stop_ids:
+                if token in stop_ids or step + 1 == sampling.max_new_tokens:
                     return
                 tokens.append(token)
-                ids = np.array([[token]], np.int64)
+                if self._recompute(total, total + 1):  # a fresh cache over the whole sequence
+                    run = self._cache(adapter, capacity)
+                    logits = run(np.array([tokens], np.int64), 0)
+                else:
+                    logits = run(np.array([[token]], np.int64), total)
+                total += 1
         finally:
             self._release()
 
@@ -185,6 +225,92 @@ class Decoder:
         sequence without a causal mask, a bug; this equals its forward without a cache.)"""
         limit = self.recompute_beyond
         return limit is not None and 0 < cached <= limit < total
+
+    def _cache(self, adapter: str, capacity: int) -> GrowingCache | SharedCache:
+        """The KV cache of one request of at most ``capacity`` tokens."""
+        if self.shared_kv:
+            return SharedCache(self, adapter, capacity)
+        return GrowingCache(self, adapter)
+
+    def _prefill(self, run: GrowingCache | SharedCache, prompt: list[int], all_logits: bool) -> np.ndarray:
+        """Logits after the prompt: the last position's, or every position's. A bundle whose decoder
+        lacks ``logits_to_keep`` (exported before it) scores token by token instead."""
+        n = len(prompt)
+        if not all_logits or self.can_keep_logits:
+            return run(np.array([prompt], np.int64), 0, n if all_logits else 1)
+        rows = [run(np.array([[token]], np.int64), i)[:, -1:] for i, token in enumerate(prompt)]
+        return np.concatenate(rows, axis=1)
+
+
+class GrowingCache:
+    """A request's KV cache fed back as the next past: each step's present is one position longer
+    (the graph concatenates). Works for every decoder and provider (see :meth:`Decoder.step`)."""
+
+    def __init__(self, decoder: Decoder, adapter: str):
+        self.decoder, self.adapter, self.past = decoder, adapter, decoder.empty_past()
+
+    def __call__(self, ids: np.ndarray, start: int, keep: int = 1) -> np.ndarray:
+        """Logits of ``ids`` placed at positions ``start``...; the cache grows by them."""
+        total = start + ids.shape[1]
+        positions = np.arange(start, total, dtype=np.int64)[None]
+        mask = np.ones((1, total), np.int64)
+        logits, self.past = self.decoder.step(ids, mask, positions, self.past, self.adapter, keep)
+        return logits
+
+
+class SharedCache:
+    """A request's KV cache preallocated for all its tokens and bound as both the past and the
+    present of every layer: GroupQueryAttention appends each step's keys/values in place, so the
+    cache is neither concatenated nor copied per step (``graphs.decoder_lora.kv_cache: shared``,
+    CPU). Inputs that do not change (the cache, the adapter's tensors) are bound once."""
+
+    def __init__(self, decoder: Decoder, adapter: str, capacity: int):
+        heads, dim = decoder.kv_shape
+        self.decoder, self.adapter, self.session = decoder, adapter, decoder.session
+        self.binding = binding = decoder.session.io_binding()
+        # Only positions below the sequence length are ever read, so the memory needs no zeroing.
+        self.buffers = [np.empty((1, heads, capacity, dim), np.float32) for _ in decoder.past_names]
+        # A one-row step's logits land in one array bound once: no per-step output binding or
+        # OrtValue wrappers for the 2 x layers cache outputs (measured: both cost per token).
+        self.logits = np.empty((1, 1, decoder.config["vocab_size"]), np.float32)
+        binding.bind_output(
+            decoder.output_names[0], "cpu", 0, np.float32, list(self.logits.shape), self.logits.ctypes.data
+        )
+        for past, present, buffer in zip(decoder.past_names, decoder.output_names[1:], self.buffers, strict=True):
+            binding.bind_input(past, "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
+            binding.bind_output(present, "cpu", 0, np.float32, list(buffer.shape), buffer.ctypes.data)
+        self.lora = decoder.adapters[adapter]  # held: the binding reads these arrays in place
+        for name, array in self.lora.items():
+            binding.bind_cpu_input(name, array)
+        self._fed: list[np.ndarray] = []
+
+    def __call__(self, ids: np.ndarray, start: int, keep: int = 1) -> np.ndarray:
+        """Logits of ``ids`` placed at positions ``start``... (through :meth:`Decoder.step`)."""
+        total = start + ids.shape[1]
+        positions = np.arange(start, total, dtype=np.int64)[None]
+        return self.decoder.step(ids, np.ones((1, total), np.int64), positions, self, self.adapter, keep)[0]
+
+    def run(self, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray, keep: int = 1) -> np.ndarray:
+        if keep != 1:
+            return self._run_keeping(ids, int(positions[0, 0]), keep)
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+        self._fed = list(feeds.values())  # alive until the run is over
+        for name, value in feeds.items():
+            self.binding.bind_cpu_input(name, value)
+        self.session.run_with_iobinding(self.binding)
+        return self.logits.copy()
+
+    def _run_keeping(self, ids: np.ndarray, start: int, keep: int) -> np.ndarray:
+        """A step that feeds ``logits_to_keep`` (prompt scoring): an IOBinding cannot bind an
+        input that has a default (onnxruntime 1.19 refuses it), so this one step runs with plain
+        feeds on the cache so far, and its present is copied into the buffers once."""
+        past = [b[:, :, :start] for b in self.buffers]
+        total = start + ids.shape[1]
+        positions = np.arange(start, total, dtype=np.int64)[None]
+        logits, present = self.decoder.step(ids, np.ones((1, total), np.int64), positions, past, self.adapter, keep)
+        for buffer, value in zip(self.buffers, present, strict=True):
+            buffer[:, :, :total] = value[:, :, :total]
+        return logits
 
 
 def sample(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from edgeft.bundle import Bundle
 from edgeft.device.decoder import BASE, Decoder, Sampling
+from edgeft.device.logprobs import Scorer, TokenScore
 from edgeft.device.tokenizer import BundleTokenizer
 from edgeft.errors import EdgeftError
 from edgeft.tasks import CAUSAL_LM, Task, require
@@ -68,6 +69,7 @@ class TextGenerator:
         self.tokenizer = BundleTokenizer.from_dir(self.bundle.root)
         self.decoder = Decoder(self.bundle, provider, threads)
         self.stop_ids = self._stop_ids()
+        self._token_texts: dict[int, str] = {}
 
     def _stop_ids(self) -> set[int]:
         ids = {self.tokenizer.eos_token_id} - {None}
@@ -86,31 +88,92 @@ class TextGenerator:
             )
         else:
             ids = self.tokenizer.encode(prompt)
+        return self.check_ids(ids)
+
+    def token_text(self, token: int) -> str:
+        """One token as text (special tokens included), as log-probability replies name it."""
+        text = self._token_texts.get(token)
+        if text is None:
+            text = self._token_texts[token] = self.tokenizer.decode([token], skip_special_tokens=False)
+        return text
+
+    def prefix_offsets(self, ids: list[int], limit: int) -> list[int]:
+        """Where each of ``ids`` starts in their decoded text (at most ``limit``)."""
+        return [min(len(self.tokenizer.decode(ids[:i])), limit) for i in range(len(ids))]
+
+    def check_ids(self, ids: list[int]) -> list[int]:
+        """``ids`` if they make a prompt this bundle can take: not empty, shorter than its context,
+        each a token of the model's vocabulary."""
         if not ids:
             raise EdgeftError("the prompt is empty")
         if len(ids) >= self.bundle.max_seq_len:
             raise EdgeftError(f"the prompt has {len(ids)} tokens; this bundle's context is {self.bundle.max_seq_len}")
+        vocab = self.decoder.config["vocab_size"]
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise EdgeftError(f"token id {bad} is not in the model's vocabulary (0..{vocab - 1})")
         return ids
 
-    def stream(self, prompt: list[int], adapter: str, sampling: Sampling, stop: list[str] | None = None) -> Stream:
+    def stream(
+        self,
+        prompt: list[int],
+        adapter: str,
+        sampling: Sampling,
+        stop: list[str] | None = None,
+        logprobs: int | None = None,
+        score_prompt: bool = False,
+    ) -> Stream:
+        """A generation to iterate. ``logprobs``: score each generated token (its log-probability and
+        the ``logprobs`` most likely alternatives); ``score_prompt``: score the prompt's tokens too
+        (``Stream.prompt_scores``), which also works with ``max_new_tokens`` 0."""
         if adapter not in self.decoder.adapters:
             raise EdgeftError(f"unknown adapter {adapter!r} (loaded: {', '.join(self.decoder.adapters)})")
         room = self.bundle.max_seq_len - len(prompt)
         capped = Sampling(
             min(sampling.max_new_tokens, room), sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed
         )
-        return Stream(self, prompt, adapter, capped, [s for s in (stop or []) if s])
+        scorer = None
+        if logprobs is not None or score_prompt:
+            scorer = Scorer(logprobs or 0, prompt if score_prompt else None)
+        return Stream(self, prompt, adapter, capped, [s for s in (stop or []) if s], scorer)
 
 
 class Stream:
-    """Iterates text pieces; afterwards ``text``, ``finish_reason`` and token counts are set."""
+    """Iterates text pieces; afterwards ``text``, ``finish_reason`` and token counts are set (and,
+    with a scorer, ``prompt_scores`` and :meth:`scored`)."""
 
-    def __init__(self, gen: TextGenerator, prompt: list[int], adapter: str, sampling: Sampling, stop: list[str]):
+    def __init__(
+        self,
+        gen: TextGenerator,
+        prompt: list[int],
+        adapter: str,
+        sampling: Sampling,
+        stop: list[str],
+        scorer: Scorer | None = None,
+    ):
         self.gen, self.prompt, self.adapter, self.sampling, self.stop = gen, prompt, adapter, sampling, stop
         self.tokens: list[int] = []
         self.text = ""
         self.finish_reason = "length"
         self.before_step: Callable[[], None] | None = None
+        self.scorer = scorer
+        self.scores: list[tuple[TokenScore, int]] = []  # (score, offset of its text in self.text) per token
+        self._handed_out = 0  # scores already taken by take_scores
+
+    @property
+    def prompt_scores(self) -> list[TokenScore | None]:
+        return self.scorer.prompt_scores if self.scorer is not None else []
+
+    def scored(self) -> list[tuple[TokenScore, int]]:
+        """(score, text offset) of each generated token whose text is in ``text`` (a stop string
+        cuts the tokens after it off)."""
+        return [(s, o) for s, o in self.scores if o < len(self.text)]
+
+    def take_scores(self) -> list[tuple[TokenScore, int]]:
+        """The scores not taken yet, for the text streamed so far (a streamed chunk's logprobs)."""
+        fresh = self.scored()[self._handed_out :]
+        self._handed_out += len(fresh)
+        return fresh
 
     @property
     def prompt_tokens(self) -> int:
@@ -124,9 +187,12 @@ class Stream:
         hold = max((len(s) for s in self.stop), default=1) - 1  # a stop string may be half-generated
         emitted = 0
         for token in self._tokens():
+            score = self.scorer.take(token) if self.scorer is not None else None
             if token in self.gen.stop_ids:
                 self.finish_reason = "stop"
                 break
+            if score is not None:
+                self.scores.append((score, len(self.text)))
             self.tokens.append(token)
             text = self.gen.tokenizer.decode(self.tokens)
             cut = _first_stop(text, self.stop)
@@ -145,7 +211,11 @@ class Stream:
     def _tokens(self) -> Iterator[int]:
         """Decoder tokens; ``before_step`` (if set) runs before each decoder step and may raise to
         end the generation between two tokens (the server's timeout and client-gone checks)."""
-        steps = self.gen.decoder.generate_ids(self.prompt, self.adapter, self.sampling, self.gen.stop_ids)
+        observe = self.scorer.observe if self.scorer is not None else None
+        score_prompt = self.scorer is not None and self.scorer.prompt is not None
+        steps = self.gen.decoder.generate_ids(
+            self.prompt, self.adapter, self.sampling, self.gen.stop_ids, observe, score_prompt
+        )
         while True:
             if self.before_step is not None:
                 self.before_step()

@@ -1,7 +1,8 @@
 """Device stage: fuse a LoRA adapter into the base weights. Entry for the CLI: :func:`merge`.
 
 The result is a standalone directory that optimum's ``ORTModelForCausalLM.from_pretrained`` loads
-(``model.onnx`` + config + tokenizer), with no LoRA inputs and no edgeft needed to serve it.
+(``model.onnx`` + config + tokenizer), with no LoRA inputs and no edgeft needed to serve it; its
+``genai_config.json`` (``edgeft.device.genai``) makes it an onnxruntime-genai model as well.
 
 No torch, transformers, peft, optimum or onnx: the bundle's ``decoder.onnx`` (the adapter-free
 decoder) is copied verbatim as ``model.onnx``. Its weights are ONNX external data pointing at
@@ -46,6 +47,7 @@ class MergeConfig:
 def merge(cfg: MergeConfig) -> Path:
     """Write the bundle's base model with ``cfg.adapter`` fused in to ``cfg.out``; return its path."""
     from edgeft.device.adapter import bundle_scaling, load_adapter
+    from edgeft.device.genai import genai_config, genai_supported, write_config
 
     bundle = Bundle.open(cfg.bundle, trusted_key=cfg.trusted_key)
     require(Task.of(bundle.manifest), (CAUSAL_LM,), "edgeft merge")
@@ -55,7 +57,7 @@ def merge(cfg: MergeConfig) -> Path:
             f"{bundle.root}: the base weights are {quantization.get('scheme')}-quantized; merge needs a float32 "
             "bundle (export one without --quantize and merge the same adapter into it)"
         )
-    out = _check_out(Path(cfg.out), bundle.root, Path(cfg.adapter), cfg.overwrite)
+    out = check_out(Path(cfg.out), bundle.root, [Path(cfg.adapter)], cfg.overwrite)
     decoder = _decoder_graph(bundle)
     weights = bundle.path(bundle.manifest.get("weights", WEIGHTS))
     header_bytes, header = read_safetensors_header(weights)
@@ -72,12 +74,15 @@ def merge(cfg: MergeConfig) -> Path:
                 shutil.copyfile(src, staging / name)
             elif name in REQUIRED_FILES:
                 raise EdgeftError(f"{src}: missing from the bundle (the merged model needs it)")
+        if genai_supported(bundle):  # onnxruntime-genai loads the same directory
+            write_config(staging, genai_config(bundle, MODEL_FILE))
     return out
 
 
-def _check_out(out: Path, bundle_root: Path, adapter: Path, overwrite: bool) -> Path:
+def check_out(out: Path, bundle_root: Path, adapters: list[Path], overwrite: bool) -> Path:
+    """``out`` resolved, if it may be written: not overlapping the bundle or an adapter directory."""
     resolved = out.resolve()
-    for name, other in (("bundle", bundle_root), ("adapter", adapter)):
+    for name, other in (("bundle", bundle_root), *(("adapter", a) for a in adapters)):
         other = other.resolve()
         if resolved == other or resolved in other.parents or other in resolved.parents:
             raise EdgeftError(f"{out}: --out must not be, contain or be inside the {name} directory {other}")

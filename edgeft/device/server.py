@@ -152,7 +152,11 @@ def _add_adapter(engine: Engine, name: str, path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Request bodies. Unknown fields are ignored, as OpenAI clients send some we do not use (user,
-# logit_bias, logprobs, echo...); only n > 1 is refused, since it would change the reply's shape.
+# logit_bias...); only n > 1 is refused, since it would change the reply's shape. Log-probabilities
+# are capped as OpenAI caps them: 5 alternatives per token for completions, 20 for chat.
+
+MAX_LOGPROBS = 5  # /v1/completions `logprobs`
+MAX_TOP_LOGPROBS = 20  # /v1/chat/completions `top_logprobs`
 
 
 class _Sampled(BaseModel):
@@ -187,18 +191,25 @@ class _Sampled(BaseModel):
 
 
 class CompletionRequest(_Sampled):
-    prompt: str | list[str]
-    max_tokens: int = Field(16, ge=1)  # OpenAI's default for completions
+    # A string, or token ids (lm-evaluation-harness sends [[ids]]); one prompt per request.
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int = Field(16, ge=0)  # OpenAI's default for completions; 0 with echo scores the prompt only
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
 
     def limit(self, room: int) -> int:
         return self.max_tokens
 
-    def text(self) -> str:
-        if isinstance(self.prompt, str):
-            return self.prompt
-        if len(self.prompt) != 1:
+    def text(self) -> str | list[int]:
+        """The prompt: a string, or a list of token ids."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return prompt
+        if prompt and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        if len(prompt) != 1:
             raise ApiError(400, "only one prompt per request is supported", param="prompt")
-        return self.prompt[0]
+        return prompt[0] if isinstance(prompt[0], str) else list(prompt[0])
 
 
 class TextPart(BaseModel):
@@ -236,6 +247,14 @@ class ClassifyRequest(BaseModel):
 class ChatRequest(_Sampled):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return self
 
     def limit(self, room: int) -> int:
         # OpenAI's chat default is "whatever fits": the rest of the context.
@@ -424,6 +443,8 @@ class Job:
     streaming: bool
     include_usage: bool
     timeout: float = 60.0
+    logprobs: int | None = None  # completions: top-N per token; chat: top_logprobs (None: no logprobs)
+    echo: str | None = None  # completions with echo: the prompt's text, which the reply's text starts with
     deadline: float = 0.0  # time.monotonic() by which the last token must be out
     id: str = ""
     created: int = 0
@@ -464,27 +485,78 @@ class Job:
     def body(self) -> dict[str, Any]:
         """The non-streaming response."""
         s = self.stream
+        scored = s.scored()
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": s.text}, "logprobs": None}
+            choice = {"index": 0, "message": {"role": "assistant", "content": s.text}, "logprobs": self._chat(scored)}
         else:
-            choice = {"index": 0, "text": s.text, "logprobs": None}
+            text = (self.echo or "") + s.text
+            choice = {"index": 0, "text": text, "logprobs": self._legacy(scored, prompt=self.echo is not None)}
         choice["finish_reason"] = s.finish_reason
         obj = "chat.completion" if self.chat else "text_completion"
         return {**self._head(obj), "choices": [choice], "usage": self.usage()}
 
-    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> str:
-        """One server-sent event in OpenAI's chunk format."""
+    def chunk(
+        self, text: str | None, finish_reason: str | None = None, role: bool = False, scored=(), prompt: bool = False
+    ) -> str:
+        """One server-sent event in OpenAI's chunk format; ``scored``: its tokens' (score, offset),
+        ``prompt``: the echoed prompt's chunk (its tokens' scores)."""
         if self.chat:
             delta: dict[str, str] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            logprobs = self._chat(scored) if scored else None
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            logprobs = self._legacy(scored, prompt) if scored or prompt else None
+            choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
         body = {**self._head("chat.completion.chunk" if self.chat else "text_completion"), "choices": [choice]}
         if self.include_usage:
             body["usage"] = None  # OpenAI sets usage only on the extra last chunk
         return _sse(body)
+
+    def _legacy(self, scored, prompt: bool) -> dict[str, list] | None:
+        """Completions' ``logprobs``: OpenAI's legacy shape, the echoed prompt's tokens first (the
+        first one's log-probability null); ``top_logprobs`` holds the N most likely tokens and the
+        chosen one (OpenAI: up to N + 1 entries)."""
+        if self.logprobs is None:
+            return None
+        gen = self.stream.gen
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+        def add(token: int, score, offset: int) -> None:
+            out["tokens"].append(gen.token_text(token))
+            out["token_logprobs"].append(score.logprob if score else None)
+            top = None
+            if score is not None:  # two tokens may read the same (partial characters): the likelier one stays
+                top = {}
+                for t, lp in [*score.top, (score.token, score.logprob)]:
+                    top.setdefault(gen.token_text(t), lp)
+            out["top_logprobs"].append(top)
+            out["text_offset"].append(offset)
+
+        base = 0
+        if prompt:
+            ids = self.stream.prompt
+            offsets = gen.prefix_offsets(ids, len(self.echo or ""))
+            for token, score, offset in zip(ids, self.stream.prompt_scores or [None] * len(ids), offsets, strict=True):
+                add(token, score, offset)
+            base = len(self.echo or "")
+        for score, offset in scored:
+            add(score.token, score, base + offset)
+        return out
+
+    def _chat(self, scored) -> dict[str, list] | None:
+        """Chat's ``logprobs``: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
+        if self.logprobs is None:
+            return None
+        gen = self.stream.gen
+
+        def entry(token: int, logprob: float) -> dict[str, Any]:
+            text = gen.token_text(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        content = [{**entry(s.token, s.logprob), "top_logprobs": [entry(t, lp) for t, lp in s.top]} for s, _ in scored]
+        return {"content": content, "refusal": None}
 
     def usage_chunk(self) -> str:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
@@ -547,21 +619,37 @@ class Server:
             code="model_not_found",
         )  # fmt: skip
 
-    async def prepare(self, req: _Sampled, prompt: str | None, messages: list[dict] | None, chat: bool) -> Job:
+    async def prepare(
+        self, req: _Sampled, prompt: str | list[int] | None, messages: list[dict] | None, chat: bool
+    ) -> Job:
         """Validate and tokenize (in a thread pool, not the generation worker: a bad or long
-        prompt is answered without waiting behind other generations)."""
+        prompt is answered without waiting behind other generations). ``prompt``: text or token ids."""
         if isinstance(self.generator, Classifier):
             task = self.generator.task.type
             raise ApiError(400, f"this bundle is a {task} classifier: use POST /v1/classify", code="wrong_endpoint")
         deadline = time.monotonic() + self.request_timeout
         adapter = self.adapter_for(req.model)
         self.check_prompt_chars(prompt, messages)
-        ids = await run_in_threadpool(self.generator.encode, prompt, messages)
+        if isinstance(prompt, list):
+            ids = self.generator.check_ids(prompt)
+        else:
+            ids = await run_in_threadpool(self.generator.encode, prompt, messages)
         room = self.generator.bundle.max_seq_len - len(ids)
         sampling = Sampling(req.limit(room), req.temperature, req.top_k, req.top_p, req.seed)
+        if isinstance(req, ChatRequest):
+            top_n, echo = ((req.top_logprobs or 0) if req.logprobs else None), None
+        else:
+            top_n = req.logprobs
+            echo = None
+            if req.echo:
+                echo = prompt if isinstance(prompt, str) else self.generator.tokenizer.decode(ids)
         # TextGenerator.stream caps max_new_tokens at the room left in the context.
-        stream = self.generator.stream(ids, adapter, sampling, req.stops())
-        return Job(stream, req.model, chat, req.stream, req.include_usage(), self.request_timeout, deadline)
+        score_prompt = echo is not None and top_n is not None
+        stream = self.generator.stream(ids, adapter, sampling, req.stops(), top_n, score_prompt)
+        return Job(
+            stream, req.model, chat, req.stream, req.include_usage(), self.request_timeout,
+            deadline=deadline, logprobs=top_n, echo=echo,
+        )  # fmt: skip
 
     async def classify(self, req: ClassifyRequest) -> dict[str, Any]:
         """Validate and tokenize in the thread pool, classify on the worker (the queue, its 503 and
@@ -612,7 +700,7 @@ class Server:
         usage = {"prompt_tokens": tokens, "total_tokens": tokens}
         return {"object": "list", "model": req.model, "task": clf.task.type, "data": data, "usage": usage}
 
-    def check_prompt_chars(self, prompt: str | None, messages: list[dict] | None) -> None:
+    def check_prompt_chars(self, prompt: str | list[int] | None, messages: list[dict] | None) -> None:
         chars = len(prompt) if prompt is not None else sum(len(m["content"]) for m in messages or [])
         if chars > self.max_prompt_chars:
             raise ApiError(
@@ -653,8 +741,8 @@ class Server:
         def produce() -> None:
             try:
                 for piece in job.stream:
-                    emit(("piece", piece))
-                emit(("done", None))
+                    emit(("piece", (piece, job.stream.take_scores())))
+                emit(("done", job.stream.take_scores()))
             except _Cancelled:  # the client went away: nobody to tell
                 pass
             except Exception as e:  # noqa: BLE001 - handed to the loop, which answers it
@@ -687,9 +775,11 @@ async def _events(job: Job, first: tuple[str, Any], items: asyncio.Queue) -> Asy
     try:
         if job.chat:
             yield job.chunk("", role=True)  # OpenAI opens a chat stream with the role
+        elif job.echo is not None:  # the prompt (scored at prefill, before the first item) comes first
+            yield job.chunk(job.echo, prompt=True)
         item = first
         while item[0] == "piece":
-            yield job.chunk(item[1])
+            yield job.chunk(item[1][0], scored=item[1][1])
             item = await _next_item(items, job)
         if item[0] == "error" and isinstance(item[1], _TimedOut):
             # Cut short like a length limit, then say why; OpenAI clients raise on the error event.
@@ -699,7 +789,7 @@ async def _events(job: Job, first: tuple[str, Any], items: asyncio.Queue) -> Asy
             # Headers are sent already; OpenAI clients raise on an "error" event.
             yield _sse(_error_body(item[1]))
         else:
-            yield job.chunk(None, job.stream.finish_reason)
+            yield job.chunk(None, job.stream.finish_reason, scored=item[1] or ())
             if job.include_usage:
                 yield job.usage_chunk()
         yield _DONE
