@@ -165,3 +165,19 @@ def test_sliding_window_equals_transformers(factory, tmp_path):
         out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=24, do_sample=False)
     assert len(ids) > 12 and stream.tokens == out[0, len(ids) : len(ids) + len(stream.tokens)].tolist()
     assert len(stream.tokens) >= 12
+
+
+def test_serving_graph_follows_the_installed_onnxruntime():
+    """A sliding-window GroupQueryAttention decoder needs onnxruntime >= 1.23 (its window counts the
+    current token from then on); older ones get the eager twin, or a one-line refusal without one."""
+    from edgeft.device.decoder import serving_graph
+    from edgeft.errors import EdgeftError
+
+    gqa = {"file": "decoder_lora.onnx", "kv_cache": "shared", "min_onnxruntime": "1.23"}
+    eager = {"file": "decoder_lora_eager.onnx"}
+    graphs = {"decoder_lora": gqa, "decoder_lora_eager": eager}
+    assert serving_graph(graphs, "1.32.0") is gqa and serving_graph(graphs, "1.23.0") is gqa
+    assert serving_graph(graphs, "1.22.1") is eager and serving_graph(graphs, "1.19.2") is eager
+    assert serving_graph({"decoder_lora": eager}, "1.19.2") is eager  # no requirement: any version
+    with pytest.raises(EdgeftError, match=r"needs onnxruntime >= 1.23 \(installed: 1.20.1\)"):
+        serving_graph({"decoder_lora": gqa}, "1.20.1")

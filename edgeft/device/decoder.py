@@ -38,6 +38,22 @@ class Sampling:
     seed: int | None = None
 
 
+def serving_graph(graphs: dict, ort_version: str) -> dict:
+    """``graphs.decoder_lora``, or its eager twin where this onnxruntime is older than the
+    GroupQueryAttention decoder needs (its sliding window counts one more key before 1.23)."""
+    graph = graphs["decoder_lora"]
+    need = graph.get("min_onnxruntime")
+    if need is None or _version(ort_version) >= _version(need):
+        return graph
+    if "decoder_lora_eager" not in graphs:
+        raise EdgeftError(f"this bundle's decoder needs onnxruntime >= {need} (installed: {ort_version})")
+    return graphs["decoder_lora_eager"]
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".")[:2])
+
+
 class Decoder:
     """The bundle's decoder session plus named adapters (``base`` is always there)."""
 
@@ -46,7 +62,7 @@ class Decoder:
     def __init__(self, bundle: Bundle, provider: str | None = None, threads: int | None = None):
         from edgeft.device.session import SessionConfig, onnxruntime, open_session
 
-        graph = bundle.manifest["graphs"]["decoder_lora"]
+        graph = serving_graph(bundle.manifest["graphs"], onnxruntime().__version__)
         self.bundle = bundle
         self.config = json.loads(bundle.path("config.json").read_text())
         config = SessionConfig(provider=provider, threads=threads, deterministic=False)

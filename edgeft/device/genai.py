@@ -37,7 +37,14 @@ WEIGHTS = "weights.safetensors"
 ADAPTER_SUFFIX = ".onnx_adapter"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 OPTIONAL_FILES = ("config.json", "generation_config.json", "special_tokens_map.json", "chat_template.jinja")
-GENAI_TYPES = ("llama", "mistral", "qwen2", "phi3")  # model types edgeft exports and onnxruntime-genai runs
+GENAI_TYPES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "phi3",
+    "qwen3",
+    "gemma3_text",
+)  # model types edgeft exports and onnxruntime-genai runs
 
 
 @dataclass

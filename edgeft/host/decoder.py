@@ -32,6 +32,11 @@ MATMUL_INTEGER = True  # int8 decoders: DynamicQuantizeLinear + MatMulInteger (F
 # and bind as both past and present (False: transformers' eager attention, the cache grown by Concat).
 GQA = True
 KV_CACHE_SHARED = "shared"  # graphs.decoder_lora.kv_cache: past and present may be one buffer
+# onnxruntime 1.23 made GroupQueryAttention's local_window_size count the current token (PR 25927):
+# a sliding-window GQA decoder is exact from there on; its softcap attribute exists from 1.20. A
+# device whose onnxruntime is older than its decoder needs runs the eager twin of it.
+DECODER_LORA_EAGER = "decoder_lora_eager.onnx"
+GQA_WINDOW_MIN_ORT, GQA_SOFTCAP_MIN_ORT = "1.23", "1.20"
 
 
 def export_decoders(
@@ -47,8 +52,7 @@ def export_decoders(
     from onnx import numpy_helper
 
     entries = {}
-    for name, with_lora in ((DECODER_LORA, True), (DECODER, False)):
-        gqa = GQA and with_lora
+    for key, name, with_lora, gqa in _decoder_variants(peft_model, hf_config):
         model = _trace(peft_model, hf_config, out, with_lora, gqa)
         graph = model.graph
         if gqa:
@@ -75,14 +79,35 @@ def export_decoders(
         if with_lora and sorted(lora) != sorted(trainable):
             raise EdgeftError(f"{name}: the traced decoder's LoRA inputs differ from the model's LoRA tensors")
         onnx.save(model, str(out / name))
-        entries["decoder_lora" if with_lora else "decoder"] = {
+        entries[key] = {
             "file": name,
             "inputs": [i.name for i in graph.input],
             "outputs": [o.name for o in graph.output],
             "lora_inputs": lora,
             **({"kv_cache": KV_CACHE_SHARED} if gqa else {}),
         }
+    need = _gqa_min_onnxruntime(peft_model) if "decoder_lora_eager" in entries else None
+    if need:
+        entries["decoder_lora"]["min_onnxruntime"] = need
     return entries
+
+
+def _decoder_variants(peft_model, hf_config: dict) -> list[tuple[str, str, bool, bool]]:
+    """(manifest key, file, with LoRA inputs, GroupQueryAttention) of each decoder to write."""
+    head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
+    gqa = GQA and head_dim % 8 == 0  # onnxruntime's CPU kernel takes head sizes in multiples of 8
+    variants = [("decoder_lora", DECODER_LORA, True, gqa), ("decoder", DECODER, False, False)]
+    if gqa and _gqa_min_onnxruntime(peft_model):
+        variants.append(("decoder_lora_eager", DECODER_LORA_EAGER, True, False))
+    return variants
+
+
+def _gqa_min_onnxruntime(peft_model) -> str | None:
+    """The oldest onnxruntime whose GroupQueryAttention computes this model's attention exactly."""
+    config = peft_model.base_model.model.config.to_dict()
+    if any(attention_layout(config).windows.values()):
+        return GQA_WINDOW_MIN_ORT
+    return GQA_SOFTCAP_MIN_ORT if config.get("attn_logit_softcapping") else None
 
 
 def decoder_module(peft_model, hf_config: dict, last_logits: bool = False, gqa: bool = False):
@@ -153,19 +178,23 @@ GQA_ATTENTION = "edgeft_gqa"
 _GQA_STATE: dict = {}
 
 
-def gqa_attention(module, query, key, value, attention_mask, scaling=None, sliding_window=None, **_kwargs):
+def gqa_attention(
+    module, query, key, value, attention_mask, scaling=None, sliding_window=None, softcap=None, **_kwargs
+):
     """transformers attention function: ``query`` ``[b, heads, s, d]`` (rotated), ``key``/``value``
     ``[b, kv_heads, s, d]`` (this step's only) -> ``[b, s, heads, d]``."""
     state, layer = _GQA_STATE, module.layer_idx
     b, heads, s, d = query.shape
     kv_heads = key.shape[1]
     q, k, v = (t.transpose(1, 2).reshape(b, s, t.shape[1] * d) for t in (query, key, value))
-    # transformers' sliding window keeps keys with q - k < W; onnxruntime's local window, W - 1 to the left.
-    window = int(sliding_window) - 1 if sliding_window else -1
+    # transformers' sliding window keeps keys with q - k < W: onnxruntime >= 1.23's local window of W
+    # (the current token included; GQA_WINDOW_MIN_ORT).
+    window = int(sliding_window) if sliding_window else -1
     past_k, past_v = state["past"][2 * layer], state["past"][2 * layer + 1]
     out, present_k, present_v = _group_query_attention()(
-        q, k, v, past_k, past_v, state["seqlens_k"], state["total"], heads, kv_heads, float(scaling), window
-    )
+        q, k, v, past_k, past_v, state["seqlens_k"], state["total"], heads, kv_heads, float(scaling), window,
+        float(softcap or 0.0),
+    )  # fmt: skip
     state["present"][layer] = (present_k, present_v)
     return out.reshape(b, s, heads, d), None
 
@@ -180,11 +209,11 @@ def _group_query_attention():
 
     schema = (
         "(Tensor q, Tensor k, Tensor v, Tensor past_k, Tensor past_v, Tensor seqlens_k, Tensor total, "
-        "int heads, int kv_heads, float scale, int window) -> (Tensor, Tensor, Tensor)"
+        "int heads, int kv_heads, float scale, int window, float softcap) -> (Tensor, Tensor, Tensor)"
     )  # spelled out: this module's annotations are strings (from __future__ import annotations)
 
     @torch.library.custom_op("edgeft::group_query_attention", mutates_args=(), schema=schema)
-    def group_query_attention(q, k, v, past_k, past_v, seqlens_k, total, heads, kv_heads, scale, window):
+    def group_query_attention(q, k, v, past_k, past_v, seqlens_k, total, heads, kv_heads, scale, window, softcap):
         b, s, _ = q.shape
         d = q.shape[-1] // heads
         present_k = torch.cat([past_k, k.reshape(b, s, kv_heads, d).transpose(1, 2)], 2)
@@ -198,12 +227,14 @@ def _group_query_attention():
         out = (scores.softmax(-1) @ values).transpose(1, 2).reshape(b, s, heads * d)
         return out, present_k, present_v
 
-    @symbolic_helper.parse_args("v", "v", "v", "v", "v", "v", "v", "i", "i", "f", "i")
-    def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total, heads, kv_heads, scale, window):
+    @symbolic_helper.parse_args("v", "v", "v", "v", "v", "v", "v", "i", "i", "f", "i", "f")
+    def symbolic(g, q, k, v, past_k, past_v, seqlens_k, total, heads, kv_heads, scale, window, softcap):
+        extra = {"softcap_f": softcap} if softcap else {}  # an attribute onnxruntime 1.19 does not know
         outputs = g.op(
             "com.microsoft::GroupQueryAttention",
             q, k, v, past_k, past_v, seqlens_k, total,
             num_heads_i=heads, kv_num_heads_i=kv_heads, scale_f=scale, local_window_size_i=window, outputs=3,
+            **extra,
         )  # fmt: skip
         for value, like in zip(outputs, (q, past_k, past_v), strict=True):
             value.setType(like.type())  # dtype (shapes are dynamic; value_info is dropped after the trace)

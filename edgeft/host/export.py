@@ -447,7 +447,9 @@ def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out:
             graphs.update(export_decoders(peft_model, hf_config, file_keys, ranges, out, quant))
         switch = rope_switch(peft_model.base_model.model.config.to_dict())
         if switch is not None:  # the device decoder's part of longrope (SPEC section 3b)
-            graphs["decoder_lora"]["recompute_cache_beyond"] = switch
+            for key in ("decoder_lora", "decoder_lora_eager"):
+                if key in graphs:
+                    graphs[key]["recompute_cache_beyond"] = switch
     _write_init_adapter(peft_model, lora_cfg, {n: params[n] for n in trainable}, keys, out / "adapter")
     _copy_tokenizer(Path(cfg.model_dir), out)
     if task.is_classification:  # the labels and pad id go with the model, as transformers saves them
