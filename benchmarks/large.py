@@ -28,46 +28,9 @@ HOST = ROOT / ".venv" / "bin" / "python"
 DEVICE = ROOT / ".venv-device" / "bin"
 RESULTS = ROOT / "benchmarks" / "large_results.json"
 
-SHAPES = {
-    # Phi-3-mini-4k-instruct's published config
-    "phi3-mini": dict(
-        model_type="phi3",
-        hidden_size=3072,
-        intermediate_size=8192,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        vocab_size=32064,
-        max_position_embeddings=4096,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        exports=("int4",),
-    ),
-    # Llama-3.2-1B's published config (tied embeddings, llama3 rope scaling)
-    "llama-3.2-1b": dict(
-        model_type="llama",
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=64,
-        vocab_size=128256,
-        max_position_embeddings=131072,
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-        rope_scaling={
-            "factor": 32.0,
-            "high_freq_factor": 4.0,
-            "low_freq_factor": 1.0,
-            "original_max_position_embeddings": 8192,
-            "rope_type": "llama3",
-        },
-        exports=("fp32", "int4"),
-    ),
-}
+# The published configs in examples/shapes (Phi-3-mini-4k-instruct, Llama-3.2-1B: tied embeddings,
+# llama3 rope scaling) and the precisions each is exported in.
+SHAPES = {"phi3-mini": ("phi-3-mini-4k", ("int4",)), "llama-3.2-1b": ("llama-3.2-1b", ("fp32", "int4"))}
 TARGETS = {"phi3-mini": {"export_peak_mb": 20 * 1024, "export_minutes": 30, "train_mb": 5 * 1024, "serve_mb": 3 * 1024}}
 
 
@@ -97,7 +60,9 @@ def build_checkpoint(name: str) -> Path:
     if (model / "config.json").is_file():
         return model
     log(f"{name}: building a random bf16 checkpoint (first run only)")
-    shape = {k: v for k, v in SHAPES[name].items() if k != "exports"}
+    config = json.loads((ROOT / "examples" / "shapes" / SHAPES[name][0] / "config.json").read_text())
+    dropped = ("architectures", "torch_dtype", "bos_token_id", "eos_token_id", "pad_token_id")
+    shape = {k: v for k, v in config.items() if k not in dropped}
     code = f"""
 import json, sys, torch
 from pathlib import Path
@@ -205,7 +170,7 @@ def main() -> None:
         model = build_checkpoint(name)
         entry = results.setdefault(name, {})
         entry["checkpoint_bytes"] = sum(f.stat().st_size for f in model.glob("*.safetensors"))
-        for precision in SHAPES[name]["exports"]:
+        for precision in SHAPES[name][1]:
             exported = export(name, model, precision)
             entry[f"export_{precision}"] = exported
             if "error" not in exported:

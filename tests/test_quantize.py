@@ -32,6 +32,10 @@ from edgeft.cli import main
 
 SCHEMES = ["int8", "int4"]
 SIZE_LIMIT = {"int8": 0.35, "int4": 0.32, "int4-dequant": 0.25}
+# First-token logits vs torch on the dequantized weights, relative to their spread (max - min).
+# int8's decoder quantizes activations per tensor (DynamicQuantizeLinear + MatMulInteger): measured
+# 0.09-0.17 on the tiny random models (a wrong scale or layout gives ~1); int4's: ~5e-7.
+LOGIT_TOL = {"int8": 0.25, "int4": 1e-5}
 EVAL_TOL = {"int8": 0.02, "int4": 0.08}
 TRAIN_GAP = 0.02
 PROMPT = "Station north ridge: pump is worn. What should the crew do?"
@@ -150,8 +154,8 @@ def test_eval_loss_close_to_fp32_and_serves(factory, tmp_path, scheme, model_typ
     ref = _eval(factory.bundle(model_type), data, adapter)
     got = _eval(quantized, data, adapter)
     assert abs(got - ref) <= EVAL_TOL[scheme], (got, ref)
-    # The quantized decoder's first greedy token is torch's on the dequantized weights (int4's
-    # MatMulNBits computes in float32; int8's decoder also quantizes activations: torch's top 3).
+    # The quantized decoder's logits are torch's on the dequantized weights: int4's MatMulNBits
+    # computes in float32; int8's decoder also quantizes activations (uint8 per tensor).
     import torch
     from helpers import torch_model_like_bundle
 
@@ -164,10 +168,18 @@ def test_eval_loss_close_to_fp32_and_serves(factory, tmp_path, scheme, model_typ
     stream = gen.stream(prompt, "a", Sampling(max_new_tokens=8))
     text = "".join(stream)
     assert stream.tokens and (len(stream.tokens) == 8 or stream.finish_reason == "stop") and text == stream.text
+    rows = []
+    first = list(gen.decoder.generate_ids(prompt, "a", Sampling(max_new_tokens=1), set(), observe=rows.append))
     with torch.no_grad():
-        logits = torch_model_like_bundle(factory.model(model_type), quantized, adapter)(torch.tensor([prompt])).logits
-    top = torch.topk(logits[0, -1], 3).indices.tolist()
-    assert stream.tokens[0] == top[0] if scheme == "int4" else stream.tokens[0] in top
+        model = torch_model_like_bundle(factory.model(model_type), quantized, adapter)
+        want = model(torch.tensor([prompt])).logits[0, -1].numpy()
+    got = rows[0][-1]
+    spread = want.max() - want.min()
+    err = np.abs(got - want).max() / spread
+    print(f"{scheme} {model_type}: first-token logits max error {err:.2e} of their spread {spread:.2f}")
+    assert err <= LOGIT_TOL[scheme] and first == stream.tokens[:1]
+    if scheme == "int4":
+        assert first[0] == int(want.argmax())
 
 
 def _train(bundle, data, out):

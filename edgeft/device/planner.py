@@ -48,6 +48,7 @@ SERVE_OVERHEAD_MB = 19.0
 SERVE_LINEAR_COPY = 0.4
 SERVE_PREFILL_VOCAB, SERVE_PREFILL_ATTENTION, SERVE_PREFILL_LAYER = 1.5, 2.0, 4.0
 SERVE_KV_COPIES = 2  # the cache fed in and the grown cache coming out
+SERVE_KV_COPIES_SHARED = 1  # GroupQueryAttention (kv_cache: shared): one preallocated buffer
 # Planning for another machine: Python + numpy + tokenizers + onnxruntime imported, measured in the
 # torch-free device venv (x86_64 Linux: 54 MB with onnxruntime 1.32, 44 MB with 1.20).
 DEVICE_RUNTIME_MB = 54.0
@@ -133,17 +134,31 @@ def plan(bundle: Bundle, batch_size: int = 4, max_seq_len: int | None = None, ru
     base = runtime_baseline_mb() if runtime_mb is None else runtime_mb
     lora = bundle.manifest["lora"]["trainable_parameters"]
     classifier = Task.of(bundle.manifest).is_classification
-    return _estimate(_Shape.of(bundle), weights, lora, batch_size, seq, base, classifier)
+    shared = serving_kv_shared(bundle.manifest.get("graphs", {}))
+    return _estimate(_Shape.of(bundle), weights, lora, batch_size, seq, base, classifier, shared)
 
 
-def _estimate(shape: _Shape, w: _Weights, lora_params: int, batch: int, seq: int, base: float, classifier=False):
+def serving_kv_shared(graphs: dict) -> bool:
+    """Whether this device serves the bundle from one preallocated KV cache (SPEC section 3b)."""
+    if "decoder_lora" not in graphs:
+        return False
+    from edgeft.device.decoder import serving_graph
+    from edgeft.device.session import onnxruntime
+
+    return serving_graph(graphs, onnxruntime().__version__).get("kv_cache") == "shared"
+
+
+def _estimate(
+    shape: _Shape, w: _Weights, lora_params: int, batch: int, seq: int, base: float, classifier=False, shared_kv=False
+):
     lora_state = 6 * lora_params * F32 / MB  # params, gradient outputs, their sum, 2 AdamW moments, update temporaries
     act = _train_activations_mb(shape, batch, seq) + w.dequantized
     act_rc = _recompute_activations_mb(shape, batch, seq) + w.dequantized
     # The weights are mapped once (file-backed pages, resident once read) and shared by both sessions.
     train_peak = base + TRAIN_OVERHEAD_MB + w.stored + lora_state + act
     train_recompute_peak = base + RECOMPUTE_OVERHEAD_MB + w.stored + lora_state + act_rc
-    kv = 0.0 if classifier else SERVE_KV_COPIES * 2 * shape.layers * shape.kv_heads * shape.head_dim * seq * F32 / MB
+    copies = SERVE_KV_COPIES_SHARED if shared_kv else SERVE_KV_COPIES
+    kv = 0.0 if classifier else copies * 2 * shape.layers * shape.kv_heads * shape.head_dim * seq * F32 / MB
     serve_load = base + SERVE_OVERHEAD_MB + w.stored + SERVE_LINEAR_COPY * (w.stored - w.embedding)
     if w.scheme == "int8":  # the decoder session folds int8 weights to float32
         serve_load = base + SERVE_OVERHEAD_MB + w.stored + (1 + SERVE_LINEAR_COPY) * (w.fp32 - w.embedding)
@@ -337,7 +352,8 @@ def plan_model(
             )
         dequantized = QUANT_DEQUANT_COPIES * _largest_layer_mb(tensors, shape) if scheme == "int8" else 0.0
         weights = _Weights(stored / MB, fp32, embedding, scheme, dequantized)
-        estimate = _estimate(shape, weights, lora, batch_size, seq, runtime_mb)
+        # export writes the GroupQueryAttention decoder (one KV buffer) where head sizes allow it
+        estimate = _estimate(shape, weights, lora, batch_size, seq, runtime_mb, shared_kv=shape.head_dim % 8 == 0)
         out.extend(ModelPlan(precision, recompute, estimate, budget_mb) for recompute in RECOMPUTE)
     return out
 
