@@ -125,6 +125,17 @@ class Bundle:
     def path(self, rel: str) -> Path:
         return self.root / rel
 
+    def copy_files(self, directory: Path, required: tuple[str, ...], optional: tuple[str, ...], user: str) -> None:
+        """Copy these bundle files into ``directory``; a missing required one is an error naming ``user``."""
+        import shutil
+
+        for name in required + optional:
+            src = self.path(name)
+            if src.is_file():
+                shutil.copyfile(src, directory / name)
+            elif name in required:
+                raise EdgeftError(f"{src}: missing from the bundle ({user} needs it)")
+
     def check_files(self) -> None:
         """Cheap integrity check on every open: each listed file exists with its recorded size,
         inside the bundle (no symlink leading out)."""

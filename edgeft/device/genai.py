@@ -79,7 +79,7 @@ def export_genai(cfg: GenaiConfig) -> Path:
         defaults = base_lora(bundle, lora_inputs)
         (staging / MODEL_FILE).write_bytes(model + appended_initializers(defaults))
         _link_or_copy(bundle.path(bundle.manifest.get("weights", WEIGHTS)), staging / WEIGHTS)
-        copy_tokenizer(bundle, staging)
+        bundle.copy_files(staging, TOKENIZER_FILES, OPTIONAL_FILES, "onnxruntime-genai's tokenizer")
         shared = graph.get("kv_cache") == "shared"  # GroupQueryAttention: genai appends to the cache in place
         write_config(staging, genai_config(bundle, MODEL_FILE, share_buffer=shared))
         for name, lora in adapters.items():
@@ -166,15 +166,6 @@ def genai_config(bundle: Bundle, filename: str, share_buffer: bool = False) -> d
 
 def write_config(directory: Path, config: dict) -> None:
     (directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-
-
-def copy_tokenizer(bundle: Bundle, directory: Path) -> None:
-    for name in TOKENIZER_FILES + OPTIONAL_FILES:
-        src = bundle.path(name)
-        if src.is_file():
-            shutil.copyfile(src, directory / name)
-        elif name in TOKENIZER_FILES:
-            raise EdgeftError(f"{src}: missing from the bundle (onnxruntime-genai's tokenizer needs it)")
 
 
 def write_adapter(lora: dict[str, np.ndarray], path: Path) -> None:

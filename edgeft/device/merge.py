@@ -68,12 +68,7 @@ def merge(cfg: MergeConfig) -> Path:
         shutil.copyfile(decoder, staging / MODEL_FILE)
         _write_fused(weights, header_bytes, header, pairs, lora, bundle_scaling(bundle), staging / WEIGHTS)
         _check_same_layout(staging / WEIGHTS, header_bytes, weights)
-        for name in REQUIRED_FILES + OPTIONAL_FILES:
-            src = bundle.path(name)
-            if src.is_file():
-                shutil.copyfile(src, staging / name)
-            elif name in REQUIRED_FILES:
-                raise EdgeftError(f"{src}: missing from the bundle (the merged model needs it)")
+        bundle.copy_files(staging, REQUIRED_FILES, OPTIONAL_FILES, "the merged model")
         if genai_supported(bundle):  # onnxruntime-genai loads the same directory
             write_config(staging, genai_config(bundle, MODEL_FILE))
     return out
