@@ -297,6 +297,9 @@ def main() -> None:
     print(table(result))
     print()
     print(samples_table(result))
+    import report  # benchmarks/report.py: RESULTS.md with this section
+
+    report.rewrite()
 
 
 if __name__ == "__main__":

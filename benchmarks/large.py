@@ -129,40 +129,55 @@ def device_runs(name: str, bundle: Path, steps: int) -> dict:
             check=True,
         ).stdout
     )
-    run = CACHE / name / f"run-{bundle.name}"
+    out = {"plan": plan}
+    # auto: the planner's choice for the memory this machine has free; layers: what a 5 GB device runs
+    for recompute in ("auto", "layers"):
+        out["train" if recompute == "auto" else "train_recompute"] = _train(name, bundle, data, steps, recompute)
+    prompt = " ".join((ROOT / "examples" / "data" / "corpus.txt").read_text().split()[:110])
+    log(f"{name}: edgeft generate {bundle.name}")
+    # Decode speed through the CLI: the same command with 1 and 33 new tokens, the difference / 32.
+    walls = {}
+    for new in (1, 33):
+        gen = ["generate", str(bundle), "--prompt", prompt, "--max-new-tokens", str(new)]
+        result, walls[new], peak = measured([str(DEVICE / "edgeft"), *gen])
+        if result.returncode != 0:
+            break
+    out["generate"] = {"peak_rss_mb": peak, "wall_seconds": walls[new], "ok": result.returncode == 0}
+    if result.returncode != 0:
+        out["generate"]["error"] = result.stderr[-2000:]
+    else:
+        out["generate"]["decode_tokens_per_second"] = 32 / max(walls[33] - walls[1], 1e-9)
+    train_peaks = ", ".join(f"{out[k].get('peak_rss_mb', 0):.0f}" for k in ("train", "train_recompute"))
+    log(f"{name}: {bundle.name}: train peak {train_peaks} MB (auto, layers), generate peak {peak:.0f} MB")
+    return out
+
+
+def _train(name: str, bundle: Path, data: Path, steps: int, recompute: str) -> dict:
+    run = CACHE / name / f"run-{bundle.name}-{recompute}"
     subprocess.run(["rm", "-rf", str(run)], check=True)
     args = ["train", str(bundle), "--data", str(data), "--out", str(run), "--max-steps", str(steps)]
     args += ["--batch-size", "1", "--max-seq-len", "256", "--truncate", "--no-progress", "--save-minutes", "0"]
-    log(f"{name}: edgeft train {bundle.name}")
+    args += ["--recompute", recompute]
+    log(f"{name}: edgeft train {bundle.name} --recompute {recompute}")
     result, seconds, peak = measured([str(DEVICE / "edgeft"), *args])
-    out = {"plan": plan}
     if result.returncode != 0:
-        out["train"] = {"error": result.stderr[-2000:], "peak_rss_mb": peak}
-    else:
-        summary = json.loads((run / "summary.json").read_text())
-        out["train"] = {
-            "peak_rss_mb": peak,
-            "wall_seconds": seconds,
-            "step_seconds": summary["seconds"] / summary["steps"],
-            "tokens_per_second": summary["tokens_per_second"],
-            "recompute": summary["recompute"],
-            "losses": summary["losses"],
-        }
-    prompt = " ".join((ROOT / "examples" / "data" / "corpus.txt").read_text().split()[:110])
-    log(f"{name}: edgeft generate {bundle.name}")
-    gen = ["generate", str(bundle), "--prompt", prompt, "--max-new-tokens", "32"]
-    result, seconds, peak = measured([str(DEVICE / "edgeft"), *gen], env={"EDGEFT_TIMING": "1"})
-    out["generate"] = {"peak_rss_mb": peak, "wall_seconds": seconds, "ok": result.returncode == 0}
-    if result.returncode != 0:
-        out["generate"]["error"] = result.stderr[-2000:]
-    log(f"{name}: {bundle.name}: train peak {out['train'].get('peak_rss_mb', 0):.0f} MB, generate peak {peak:.0f} MB")
-    return out
+        return {"error": result.stderr[-2000:], "peak_rss_mb": peak}
+    summary = json.loads((run / "summary.json").read_text())
+    return {
+        "peak_rss_mb": peak,
+        "wall_seconds": seconds,
+        "step_seconds": summary["seconds"] / summary["steps"],
+        "tokens_per_second": summary["tokens_per_second"],
+        "recompute": summary["recompute"],
+        "losses": summary["losses"],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", choices=sorted(SHAPES))
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--reuse", action="store_true", help="keep bundles already exported (device runs only)")
     args = parser.parse_args()
     CACHE.mkdir(parents=True, exist_ok=True)
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
@@ -171,12 +186,19 @@ def main() -> None:
         entry = results.setdefault(name, {})
         entry["checkpoint_bytes"] = sum(f.stat().st_size for f in model.glob("*.safetensors"))
         for precision in SHAPES[name][1]:
-            exported = export(name, model, precision)
+            bundle = CACHE / name / f"bundle-{precision}"
+            if args.reuse and (bundle / "manifest.json").is_file() and f"export_{precision}" in entry:
+                exported = entry[f"export_{precision}"]
+            else:
+                exported = export(name, model, precision)
             entry[f"export_{precision}"] = exported
             if "error" not in exported:
                 entry[f"device_{precision}"] = device_runs(name, Path(exported["bundle"]), args.steps)
             RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     log(f"wrote {RESULTS}")
+    import report  # benchmarks/report.py: RESULTS.md with this section
+
+    report.rewrite()
 
 
 if __name__ == "__main__":

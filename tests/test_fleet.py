@@ -397,3 +397,74 @@ def test_fleet_round_survives_a_killed_device_and_a_corrupted_update(llama_bundl
         loss = evaluate(EvalConfig(llama_bundle, DATA / "eval.jsonl", adapter=out / rnd / "adapter"))["loss"]
         assert np.isfinite(loss)
     assert not [p.name for p in out.rglob(".*") if p.name != ".flwr" and ".flwr" not in p.parts]  # no staging left
+
+
+def _tls_files(root: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 / localhost signed by it (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    span = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1))
+
+    def cert(subject, issuer, key, signer, ca: bool, sans=None):
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(span[0])
+            .not_valid_after(span[1])
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    sans = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+    files = {
+        "ca.pem": cert("edgeft test CA", "edgeft test CA", ca_key, ca_key, True).public_bytes(
+            serialization.Encoding.PEM
+        ),
+        "server.pem": cert("127.0.0.1", "edgeft test CA", server_key, ca_key, False, sans).public_bytes(
+            serialization.Encoding.PEM
+        ),
+        "server.key": server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    return root / "ca.pem", root / "server.pem", root / "server.key"
+
+
+@needs_fleet_venv
+def test_fleet_round_over_tls(llama_bundle, non_iid, fleet, tmp_path):
+    """With certificates the SuperLink serves TLS and the devices verify it with the CA: one round
+    of two devices completes and writes its adapter."""
+    from edgeft.fleet.procs import free_port
+
+    ca, cert, key = _tls_files(tmp_path / "tls")
+    port, out = free_port(), fleet.root / "server"
+    server = fleet.start(
+        "server", "server", llama_bundle, "--rounds", 1, "--min-clients", 2, "--out", out,
+        "--address", f"127.0.0.1:{port}", "--ssl-certfile", cert, "--ssl-keyfile", key, "--ssl-ca-certfile", ca,
+        "--round-timeout", 300, "--join-timeout", 300,
+    )  # fmt: skip
+    tls = ("--root-certificates", ca, "--steps-per-round", 2)
+    clients = [_client(fleet, llama_bundle, non_iid[i], port, i, *tls) for i in range(2)]
+    _wait(server, fleet, "server", 600)
+    for i, c in enumerate(clients):
+        _wait(c, fleet, f"client{i}", 120)
+    history = json.loads((out / "history.json").read_text())
+    assert history["status"] == "finished"
+    assert sorted(c.split(" ")[0] for c in history["rounds"][0]["clients"]) == ["dev0", "dev1"]
+    assert (out / "round-001" / "adapter" / "adapter_model.safetensors").is_file()

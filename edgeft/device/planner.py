@@ -117,6 +117,7 @@ class _Weights:
     embedding: float  # float32 embedding tables (gathered: no transposed copy is folded)
     scheme: str | None  # None, "int8", "int4"
     dequantized: float = 0.0  # float32 copies a dequantizing training graph keeps alive (MB)
+    transposed: float = 0.0  # int4 Wᵀ layouts (training's backward only; the decoders never read them)
 
 
 def plan(bundle: Bundle, batch_size: int = 4, max_seq_len: int | None = None, runtime_mb: float | None = None) -> Plan:
@@ -127,10 +128,12 @@ def plan(bundle: Bundle, batch_size: int = 4, max_seq_len: int | None = None, ru
     quant = bundle.manifest.get("quantization")
     # export --quantize: stored (and mapped) quantized; SPEC section 3c
     stored = _quantized_weights_mb(bundle, quant) if quant else fp32
+    transposed = _quantized_weights_mb(bundle, quant, transposed_only=True) if quant else 0.0
     dequantized = 0.0
     if quant and quant.get("compute", "dequant") == "dequant":
         dequantized = QUANT_DEQUANT_COPIES * _largest_dequantized_mb(bundle)
-    weights = _Weights(stored, fp32, _embedding_mb(bundle), quant.get("scheme") if quant else None, dequantized)
+    scheme = quant.get("scheme") if quant else None
+    weights = _Weights(stored, fp32, _embedding_mb(bundle), scheme, dequantized, transposed)
     base = runtime_baseline_mb() if runtime_mb is None else runtime_mb
     lora = bundle.manifest["lora"]["trainable_parameters"]
     classifier = Task.of(bundle.manifest).is_classification
@@ -160,6 +163,8 @@ def _estimate(
     copies = SERVE_KV_COPIES_SHARED if shared_kv else SERVE_KV_COPIES
     kv = 0.0 if classifier else copies * 2 * shape.layers * shape.kv_heads * shape.head_dim * seq * F32 / MB
     serve_load = base + SERVE_OVERHEAD_MB + w.stored + SERVE_LINEAR_COPY * (w.stored - w.embedding)
+    if w.scheme == "int4":  # MatMulNBits reads the stored W layout as is: no folded copy, no Wᵀ read
+        serve_load = base + SERVE_OVERHEAD_MB + w.stored - w.transposed
     if w.scheme == "int8":  # the decoder session folds int8 weights to float32
         serve_load = base + SERVE_OVERHEAD_MB + w.stored + (1 + SERVE_LINEAR_COPY) * (w.fp32 - w.embedding)
     serve = serve_load + max(_prefill_mb(shape, seq), kv)
@@ -198,15 +203,17 @@ def _prefill_mb(s: _Shape, prompt: int) -> float:
     return floats * F32 / MB
 
 
-def _quantized_weights_mb(bundle: Bundle, quant: dict) -> float:
-    """Bytes of the frozen weights of a quantized bundle: float32 ones plus quantized data + scales
-    (and, for int4 low-precision training, the second layout of each Wᵀ)."""
+def _quantized_weights_mb(bundle: Bundle, quant: dict, transposed_only: bool = False) -> float:
+    """MB of the frozen weights of a quantized bundle: float32 ones plus quantized data + scales
+    (and, for int4 low-precision training, the second layout of each Wᵀ; only those with
+    ``transposed_only``)."""
     total = 0.0
     block = quant.get("block_size") or 32
     for p in bundle.frozen:
         kind = "vector" if "quantized" not in p else "embedding" if "embed" in p["key"] else "linear"
         rows, cols = p["shape"][0], math.prod(p["shape"][1:])
-        total += _stored_bytes(kind, rows, cols, quant.get("scheme") if kind != "vector" else None, block)
+        if not transposed_only:
+            total += _stored_bytes(kind, rows, cols, quant.get("scheme") if kind != "vector" else None, block)
         if "transposed" in p.get("quantized", {}):
             total += _stored_bytes(kind, cols, rows, "int4", block)
     return total / MB
@@ -346,12 +353,13 @@ def plan_model(
     for precision in PRECISIONS:
         scheme = None if precision == "fp32" else precision
         stored = sum(_stored_bytes(kind, rows, cols, scheme, block_size) for kind, rows, cols in tensors)
+        transposed = 0.0
         if scheme == "int4":  # export's default --quant-compute int8 also stores each linear Wᵀ
-            stored += sum(
+            transposed = sum(
                 _stored_bytes(kind, cols, rows, scheme, block_size) for kind, rows, cols in tensors if kind == "linear"
             )
         dequantized = QUANT_DEQUANT_COPIES * _largest_layer_mb(tensors, shape) if scheme == "int8" else 0.0
-        weights = _Weights(stored / MB, fp32, embedding, scheme, dequantized)
+        weights = _Weights((stored + transposed) / MB, fp32, embedding, scheme, dequantized, transposed / MB)
         # export writes the GroupQueryAttention decoder (one KV buffer) where head sizes allow it
         estimate = _estimate(shape, weights, lora, batch_size, seq, runtime_mb, shared_kv=shape.head_dim % 8 == 0)
         out.extend(ModelPlan(precision, recompute, estimate, budget_mb) for recompute in RECOMPUTE)
