@@ -175,22 +175,43 @@ class _Clock:
 # Orchestration (host venv)
 
 
-def _concat_bundle(p: dict) -> Path:
-    """The benchmark model exported with the Concat-growing decoder (once, beside the cache)."""
-    out = p["root"] / "bundle-concat"
-    if (out / "manifest.json").is_file():
-        return out
-    code = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import common\n"
-        "import edgeft.host.decoder as d; d.GQA = False\n"
-        "from pathlib import Path\n"
-        "from edgeft.host.export import ExportConfig, export_bundle\n"
-        "p = common.paths()\n"
-        "export_bundle(ExportConfig(p['model'], p['root'] / 'bundle-concat', lora_r=common.LORA_R,"
-        " lora_alpha=common.LORA_ALPHA, target_modules=common.LORA_TARGETS, max_seq_len=common.MAX_SEQ_LEN))\n"
+# The grid's phi3 model with 4x MLP and 12 layers (162M), its context raised to 4096 so that a
+# 2048-token prompt plus the new tokens fit.
+SPEC_ARGS = ("phi3", 4, 12)
+CONTEXT = 4096
+
+
+def _spec() -> dict:
+    spec = common.model_spec(*SPEC_ARGS)
+    spec["config"]["max_position_embeddings"] = CONTEXT
+    spec["name"] += f"-ctx{CONTEXT}"
+    return spec
+
+
+def _bundles(spec: dict, p: dict) -> tuple[Path, Path, float]:
+    """The model, adapter A and two bundles of it (once, in the cache): GroupQueryAttention and the
+    Concat-growing eager decoder (``edgeft.host.decoder.GQA = False``)."""
+    job = {"spec": spec, "adapters": ["attn"]}
+    subprocess.run(
+        [sys.executable, str(HERE / "build.py"), json.dumps(job)], check=True, env=_env(), stdout=subprocess.DEVNULL
     )
-    subprocess.run([sys.executable, "-c", code, str(HERE)], check=True, env=_env())
-    return out
+    gqa, concat = p["root"] / f"bundle-gqa-{CONTEXT}", p["root"] / f"bundle-concat-{CONTEXT}"
+    seconds = 0.0
+    for out, flag in ((gqa, True), (concat, False)):
+        if (out / "manifest.json").is_file():
+            continue
+        code = (
+            "import sys; sys.path.insert(0, sys.argv[1]); import common\n"
+            f"import edgeft.host.decoder as d; d.GQA = {flag}\n"
+            "from edgeft.host.export import ExportConfig, export_bundle\n"
+            "export_bundle(ExportConfig(sys.argv[2], sys.argv[3], lora_r=common.LORA_R, lora_alpha=common.LORA_ALPHA,"
+            f" init_adapter=sys.argv[4], max_seq_len={CONTEXT}, overwrite=True))\n"
+        )
+        t0 = time.perf_counter()
+        args = [str(HERE), str(p["model"]), str(out), str(p["adapter_a"])]
+        subprocess.run([sys.executable, "-c", code, *args], check=True, env=_env())
+        seconds += time.perf_counter() - t0
+    return gqa, concat, seconds
 
 
 def _env() -> dict:
@@ -198,16 +219,16 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(common.ROOT)}
 
 
-def _genai_dirs(p: dict, device_python: str) -> tuple[Path, Path]:
+def _genai_dirs(p: dict, bundle: Path, device_python: str) -> tuple[Path, Path]:
     """edgeft merge (adapter A) and edgeft export-genai (adapter A) of the bundle, in the device venv;
     their genai_config.json asks for the benchmark's thread count."""
     merged, exported = p["root"] / "genai-merged", p["root"] / "genai-adapters"
     edgeft = [device_python, "-m", "edgeft.cli"]
     if not (merged / "genai_config.json").is_file():
-        subprocess.run([*edgeft, "merge", str(p["bundle"]), "--adapter", str(p["adapter_a"]), "--out", str(merged),
+        subprocess.run([*edgeft, "merge", str(bundle), "--adapter", str(p["adapter_a"]), "--out", str(merged),
                         "--overwrite"], check=True, env=_env())  # fmt: skip
     if not (exported / "genai_config.json").is_file():
-        subprocess.run([*edgeft, "export-genai", str(p["bundle"]), "--adapter", f"a={p['adapter_a']}", "--out",
+        subprocess.run([*edgeft, "export-genai", str(bundle), "--adapter", f"a={p['adapter_a']}", "--out",
                         str(exported), "--overwrite"], check=True, env=_env())  # fmt: skip
     for directory in (merged, exported):
         config = json.loads((directory / "genai_config.json").read_text())
@@ -218,16 +239,19 @@ def _genai_dirs(p: dict, device_python: str) -> tuple[Path, Path]:
 
 
 def run(plan: dict, log=print) -> dict:
-    meta = common.ensure_cache(log)
-    p = common.paths()
+    spec = _spec()
+    p = common.paths(spec, "attn")
     device_python = str(Path(os.environ.get("EDGEFT_DEVICE_VENV", common.ROOT / ".venv-device")) / "bin" / "python")
-    log("genai decode: preparing the Concat bundle and the onnxruntime-genai directories")
-    concat = _concat_bundle(p)
-    merged, exported = _genai_dirs(p, device_python)
+    log("genai decode: the model, its two bundles and the onnxruntime-genai directories (first run only)")
+    bundle, concat, export_seconds = _bundles(spec, p)
+    merged, exported = _genai_dirs(p, bundle, device_python)
+    facts = common.model_facts(spec, "attn")
+    meta = {"model": spec["name"], "n_params": facts["params_total"], "config": spec["config"]}
+    meta["max_seq_len"], meta["export_seconds_this_run"] = CONTEXT, export_seconds
     shared = ["--contexts", *map(str, plan["contexts"]), "--new-tokens", str(plan["new_tokens"])]
     shared += ["--repeats", str(plan["repeats"]), "--adapter", str(p["adapter_a"])]
     results: dict = {}
-    device = [device_python, str(Path(__file__)), "--worker", "device", *shared, "--bundle", str(p["bundle"])]
+    device = [device_python, str(Path(__file__)), "--worker", "device", *shared, "--bundle", str(bundle)]
     device += ["--concat-bundle", str(concat), "--merged", str(merged), "--genai", str(exported)]
     torch = [sys.executable, str(Path(__file__)), "--worker", "torch", *shared, "--model", str(p["model"])]
     versions: dict = {}
