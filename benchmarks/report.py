@@ -704,7 +704,26 @@ def _large() -> str:
             stages.append(
                 f"- {name} {precision}: " + ", ".join(f"{k} {v:.0f} s" for k, v in export["stages_s"].items())
             )
-    return "\n".join([*rows, "", "Where the export time goes (`export stage:` log lines):", "", *stages, ""])
+    return "\n".join([*rows, "", "Where the export time goes (`export stage:` log lines):", "", *stages, "",
+                      *_large_findings(d)])  # fmt: skip
+
+
+def _large_findings(d: dict) -> list[str]:
+    """What limits the Phi-3-mini int4 training peak, from the planner's parts of the same bundle."""
+    dev = d.get("phi3-mini", {}).get("device_int4", {})
+    t, plan = dev.get("train_recompute", {}), dev.get("plan", {})
+    if "peak_rss_mb" not in t or not plan:
+        return []
+    return [
+        f"Phi-3-mini int4 with `--recompute layers` peaks at {t['peak_rss_mb']:.0f} MB, above the 5 GB target: "
+        f"its frozen weights alone are {plan['weights_mb']:.0f} MB (int4 W, the int4 Wᵀ layout that the "
+        "low-precision backward reads with the default `--quant-compute int8`, about 2 GB of it, and the float32 "
+        f"embedding), plus the runtime ({plan['runtime_mb']:.0f} MB), LoRA and AdamW state "
+        f"({plan['lora_state_mb']:.0f} MB) and the recomputed step's activations (planned "
+        f"{plan['train_recompute_activations_mb']:.0f} MB). `--quant-compute dequant` stores no Wᵀ layout "
+        "(it dequantizes one layer at a time instead, slower): not measured at this size.",
+        "",
+    ]
 
 
 def _vs_plan(measured: float, planned: float | None) -> str:
