@@ -1,9 +1,9 @@
 """``edgeft devices check``: what this machine is, which ONNX Runtime it has, what a profile gets here.
 
 Reads only what is cheap and safe: platform, /proc and /sys on Linux, package metadata, and the
-``onnxruntime`` module itself (never ``onnxruntime.training``). Note that the host's training build's
-own ``import onnxruntime`` tries ``onnxruntime.training.ortmodule``, which loads torch wherever torch
-happens to be installed.
+``onnxruntime`` module itself (never its training submodule). Note that the host's training build's
+own ``import onnxruntime`` tries its ortmodule, which loads torch wherever torch happens to be
+installed.
 
 Training is possible where ``onnxruntime`` imports and is a plain or vendor build (any distribution
 but ``onnxruntime-training*``) of version 1.20 or later, or the host's ``onnxruntime-training*`` 1.19
