@@ -100,11 +100,12 @@ class EdgeftTrain:
         from edgeft.device.adapter import load_adapter
         from edgeft.device.data import Batch
         from edgeft.device.optim import AdamW
-        from edgeft.device.runtime import LoraGraphs
+        from edgeft.device.runtime import LoraGraphs, training_variants
         from edgeft.device.train import _Run
 
         b = Bundle.open(bundle)
-        self.graphs = LoraGraphs(b, session_config())
+        # an --recompute layers bundle has only the recomputing graph
+        self.graphs = LoraGraphs(b, session_config(), recompute=False not in training_variants(b))
         opt = b.manifest["optimizer"]
         ids, mask, labels = batch_arrays(batch, seq, b.manifest["vocab_size"])
         self.batch = Batch(ids, mask, labels, int(batch * (seq - 1)), int(batch * seq))
