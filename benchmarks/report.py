@@ -291,11 +291,11 @@ def _header(r: dict) -> list[str]:
     ]
     if r["mode"] != "full":
         out += [
-            f"> **{r['mode'].capitalize()} run on a busy shared box:** a reduced grid ("
+            f"> **{r['mode'].capitalize()} run:** a reduced grid ("
             f"{'/'.join(sorted({str(s['config']['num_hidden_layers']) for s in r['models'].values()}))}-layer models, seq "
-            f"{', '.join(str(s) for s in r['plan']['seqs'])}, {r['plan']['train_repeats']} repeats) while other jobs "
-            "used the same 2 cores. Its figures show the harness works and the direction of each ratio; the "
-            "targets are judged on `make bench` (the full grid) on a quiet machine.",
+            f"{', '.join(str(s) for s in r['plan']['seqs'])}, {r['plan']['train_repeats']} repeats; the machine's load "
+            "is in the table below). Its figures show the harness works and the direction of each ratio; the "
+            "targets are judged on `make bench` (the full grid: 12-layer models, seq up to 1024).",
             "",
         ]
     bg = r["machine"].get("background_cores")
