@@ -295,7 +295,7 @@ def _header(r: dict) -> list[str]:
             f"{'/'.join(sorted({str(s['config']['num_hidden_layers']) for s in r['models'].values()}))}-layer models, seq "
             f"{', '.join(str(s) for s in r['plan']['seqs'])}, {r['plan']['train_repeats']} repeats; the machine's load "
             "is in the table below). Its figures show the harness works and the direction of each ratio; the "
-            "targets are judged on `make bench` (the full grid: 12-layer models, seq up to 1024).",
+            "targets are judged on `make bench` (the full grid: 8-layer models, seq up to 1024).",
             "",
         ]
     bg = r["machine"].get("background_cores")
