@@ -118,7 +118,7 @@ sync_source() {
         tar -C "$REPO" --null -T - -cf - | tar -C "$ROOT/opt/edgeft" -xf -
 }
 
-# One venv per extra (/opt/venv-device, /opt/venv-serve), /opt/venv pointing at the one asked for:
+# One venv per extra (/opt/venv-device, /opt/venv-<extra>), /opt/venv pointing at the one asked for:
 # switching extras back and forth costs nothing once both exist, and a failed install leaves
 # the previous venv working.
 install_venv() {
