@@ -26,7 +26,14 @@ def make_peft_adapter(model_dir: Path, out: Path, r=8, alpha=16, targets=None, s
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, task_type="CAUSAL_LM", **options)
-    model = get_peft_model(base, config)
+    return _perturbed_and_saved(get_peft_model(base, config), out, seed, b_std)
+
+
+def _perturbed_and_saved(model, out: Path, seed: int, b_std: float) -> Path:
+    """LoRA B ~ N(0, b_std); a DoRA magnitude scaled by 1 + N(0, 0.1); a trained-in-full head
+    (modules_to_save) moved by N(0, 0.05); then saved by PEFT to ``out``."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -34,6 +41,8 @@ def make_peft_adapter(model_dir: Path, out: Path, r=8, alpha=16, targets=None, s
                 p.copy_(torch.randn(p.shape, generator=gen) * b_std)
             elif "lora_magnitude_vector" in name:
                 p.mul_(1 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
     model.save_pretrained(out)
     return out
 
@@ -270,15 +279,7 @@ def make_classifier_adapter(
     base = classifier_class(task).from_pretrained(model_dir, num_labels=len(labels), dtype=torch.float32)
     task_type = "SEQ_CLS" if task == "seq-cls" else "TOKEN_CLS"
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type=task_type))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * b_std)
-            elif "modules_to_save" in name:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    model.save_pretrained(out)
-    return out
+    return _perturbed_and_saved(model, out, seed, b_std)
 
 
 def torch_classifier(model_dir: Path, adapter_dir: Path, task: str, labels: list[str], trainable: bool = False):
