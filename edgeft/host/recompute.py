@@ -8,6 +8,10 @@ shared mask and rotary tables, the weights), and points the backward at the clon
 activations then die as soon as the forward is done with them; during the backward one layer's are
 alive at a time. Values are unchanged (the same ops on the same inputs).
 
+A quantized bundle's dequantization chains (``{weight}/dq/...``, edgeft/host/quantize.py) are cloned
+with the layer that reads them, though they sit outside its scope: read from the forward, each
+layer's float32 weights would stay alive until its backward, all layers' at once.
+
 Kept as they are: Dropout nodes (a second draw would differ from the forward's mask) and anything
 outside the decoder layers (embedding, final norm, head, loss). The device must run these graphs
 with onnxruntime's common-subexpression elimination off, which would merge the clones back into
@@ -24,6 +28,7 @@ from edgeft.host.graph import producers, set_nodes
 LAYER = re.compile(r"^/(?:[^/]+/)*?layers?\.(\d+)/")  # the exporter's scopes: /model/layers.3/, /bert/encoder/layer.3/
 SUFFIX = "/rc"
 KEEP_OPS = {"Dropout"}  # random: recomputing would draw another mask
+DEQUANT = "/dq/"  # in the names of quantize.py's dequantization nodes: recomputed with their layer
 
 
 def recompute_layers(graph, loss: str = "loss") -> int:
@@ -92,7 +97,7 @@ def _clone_layer(layer: int, tensors: list[str], made_by: dict, forward: set[int
         if node is None or id(node) not in forward or id(node) in seen or node.op_type in KEEP_OPS:
             return
         match = LAYER.match(node.name)
-        if not match or int(match.group(1)) != layer:
+        if DEQUANT not in node.name and (not match or int(match.group(1)) != layer):
             return
         seen.add(id(node))
         for i in node.input:
@@ -102,12 +107,13 @@ def _clone_layer(layer: int, tensors: list[str], made_by: dict, forward: set[int
 
     for name in tensors:
         visit(name)
-    renamed = {o: o + SUFFIX for node in order for o in node.output if o}
+    suffix = {id(n): f"{SUFFIX}{layer}" if DEQUANT in n.name else SUFFIX for n in order}
+    renamed = {o: o + suffix[id(node)] for node in order for o in node.output if o}
     clones = []
     for node in order:
         clone = type(node)()
         clone.CopyFrom(node)
-        clone.name = node.name + SUFFIX
+        clone.name = node.name + suffix[id(node)]
         clone.input[:] = [renamed.get(i, i) for i in node.input]
         clone.output[:] = [renamed.get(o, o) for o in node.output]
         clones.append(clone)
