@@ -44,12 +44,13 @@ def test_parameter_count_equals_transformers(model_dir):
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gemma3_text"])
-@pytest.mark.parametrize("precision", ["fp32", "int4"])
+@pytest.mark.parametrize("precision", ["fp32", "int4", "int4-dequant"])
 def test_model_plan_equals_bundle_plan(factory, model_type, precision):
     """Planned from config.json before export vs planned from the exported bundle (the same
     runtime figure): weights, LoRA state and both peaks within 2 % (norm sizes aside, the same shapes)."""
     model_dir = factory.model(model_type)
-    options = {} if precision == "fp32" else {"quantize": precision}
+    scheme, _, compute = precision.partition("-")
+    options = {} if precision == "fp32" else {"quantize": scheme, **({"quant_compute": compute} if compute else {})}
     bundle = Bundle.open(factory.bundle(model_type, **options))
     want = plan(bundle, 2, 64, runtime_mb=DEVICE_RUNTIME_MB)
     config = json.loads((model_dir / "config.json").read_text())
@@ -72,6 +73,8 @@ def test_recompute_keeps_less_and_fits_are_judged_on_both_peaks():
     # embedding that is more than int8's one layout; serving reads W's layout only.
     weights = {p: by[p, "none"].plan.weights_mb for p in PRECISIONS}
     assert weights["fp32"] > weights["int4"] > weights["int8"] * 0.9 and weights["fp32"] > weights["int8"]
+    assert weights["int4-dequant"] < weights["int4"] / 1.5  # no Wᵀ layout
+    assert by["int4-dequant", "layers"].plan.serve_peak_mb == pytest.approx(by["int4", "layers"].plan.serve_peak_mb)
     assert by["int4", "none"].plan.serve_peak_mb < by["int8", "none"].plan.serve_peak_mb
     for r in rows:
         assert r.fits is (max(r.train_peak_mb, r.plan.serve_peak_mb) <= 6144)
@@ -84,7 +87,7 @@ def test_cli_table_and_json(tmp_path):
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0].startswith("model     qwen2, 494 M parameters") and "6144 MB (profile raspberry-pi-5)" in lines[2]
-    table = lines[lines.index(next(x for x in lines if x.startswith("PRECISION"))) + 1 :][:6]
+    table = lines[lines.index(next(x for x in lines if x.startswith("PRECISION"))) + 1 :][:8]
     assert [x.split()[:2] for x in table] == [
         [p, c + ("*" if c == "layers" else "")] for p in PRECISIONS for c in RECOMPUTE
     ]
@@ -92,7 +95,7 @@ def test_cli_table_and_json(tmp_path):
     result = runner.invoke(main, ["plan", str(model), "--memory-budget", "1000", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert report["budget_mb"] == 1000 and len(report["plans"]) == 6
+    assert report["budget_mb"] == 1000 and len(report["plans"]) == 8
     assert {p["max_seq_len"] for p in report["plans"]} == {512}  # no profile: 512
     assert [p["fits"] for p in report["plans"]] == [
         max(p["train_peak_mb"], p["serve_peak_mb"]) <= 1000 for p in report["plans"]

@@ -52,7 +52,14 @@ SERVE_KV_COPIES_SHARED = 1  # GroupQueryAttention (kv_cache: shared): one preall
 # Planning for another machine: Python + numpy + tokenizers + onnxruntime imported, measured in the
 # torch-free device venv (x86_64 Linux: 54 MB with onnxruntime 1.32, 44 MB with 1.20).
 DEVICE_RUNTIME_MB = 54.0
-PRECISIONS = ("fp32", "int8", "int4")
+PRECISIONS = ("fp32", "int8", "int4", "int4-dequant")
+# What each precision is exported with. int4-dequant: no Wᵀ layout; training dequantizes per layer.
+EXPORT_FLAGS = {
+    "fp32": "",
+    "int8": " --quantize int8",
+    "int4": " --quantize int4",
+    "int4-dequant": " --quantize int4 --quant-compute dequant",
+}
 RECOMPUTE = ("none", "layers")
 
 
@@ -292,7 +299,7 @@ def _proc_status_mb(field: str) -> float:
 
 @dataclass
 class ModelPlan:
-    precision: str  # fp32 | int8 | int4 (export --quantize)
+    precision: str  # fp32 | int8 | int4 | int4-dequant (EXPORT_FLAGS)
     recompute: str  # none | layers
     plan: Plan
     budget_mb: float | None
@@ -351,14 +358,15 @@ def plan_model(
     lora = _lora_parameters(config, shape, lora_r)
     out = []
     for precision in PRECISIONS:
-        scheme = None if precision == "fp32" else precision
+        scheme = None if precision == "fp32" else precision.split("-")[0]
         stored = sum(_stored_bytes(kind, rows, cols, scheme, block_size) for kind, rows, cols in tensors)
         transposed = 0.0
-        if scheme == "int4":  # export's default --quant-compute int8 also stores each linear Wᵀ
+        if precision == "int4":  # export's default --quant-compute int8 also stores each linear Wᵀ
             transposed = sum(
                 _stored_bytes(kind, cols, rows, scheme, block_size) for kind, rows, cols in tensors if kind == "linear"
             )
-        dequantized = QUANT_DEQUANT_COPIES * _largest_layer_mb(tensors, shape) if scheme == "int8" else 0.0
+        dequantizes = precision in ("int8", "int4-dequant")
+        dequantized = QUANT_DEQUANT_COPIES * _largest_layer_mb(tensors, shape) if dequantizes else 0.0
         weights = _Weights((stored + transposed) / MB, fp32, embedding, scheme, dequantized, transposed / MB)
         # export writes the GroupQueryAttention decoder (one KV buffer) where head sizes allow it
         estimate = _estimate(shape, weights, lora, batch_size, seq, runtime_mb, shared_kv=shape.head_dim % 8 == 0)
@@ -459,25 +467,27 @@ def _model_report(
         f"runtime {first.runtime_mb:.0f} MB (onnxruntime, device venv)",
         f"budget    {f'{budget:.0f} MB' if budget is not None else 'unknown'} ({source})",
         "",
-        "PRECISION  RECOMPUTE  WEIGHTS MB  TRAIN PEAK MB  SERVE PEAK MB  FITS",
+        "PRECISION     RECOMPUTE  WEIGHTS MB  TRAIN PEAK MB  SERVE PEAK MB  FITS",
     ]
     for row in rows:
         p = row.plan
         fits = "?" if row.fits is None else "yes" if row.fits else "no"
         recompute = row.recompute + ("*" if row.recompute == "layers" else "")
         lines.append(
-            f"{row.precision:<9}  {recompute:<9}  {p.weights_mb:>10.0f}  {row.train_peak_mb:>13.0f}  "
+            f"{row.precision:<12}  {recompute:<9}  {p.weights_mb:>10.0f}  {row.train_peak_mb:>13.0f}  "
             f"{p.serve_peak_mb:>13.0f}  {fits}"
         )
     lines += [
         "",
         "* layer recomputation (export --recompute auto, the default; edgeft train picks it when needed):",
         "  each layer keeps its input, one layer's activations exist at a time during the backward.",
+        "int4-dequant: export --quantize int4 --quant-compute dequant (no second Wᵀ layout; training",
+        "  dequantizes one layer's weights at a time).",
     ]
     fitting = [row for row in rows if row.fits]
     if fitting:
         best = fitting[0]  # the highest precision that fits, without recompute if it can
-        options = "" if best.precision == "fp32" else f" --quantize {best.precision}"
+        options = EXPORT_FLAGS[best.precision]
         lines.append(f"export:   edgeft export {model_dir} --out BUNDLE{options} --max-seq-len {first.max_seq_len}")
         if best.recompute == "layers":
             lines.append("          (edgeft train then recomputes layers at this batch and sequence: --recompute auto)")
