@@ -60,14 +60,14 @@ def vocab_of(model_dir: Path) -> int:
 # Training contenders. Each step: one batch, loss + LoRA gradients, clip to 1.0, AdamW.
 
 
-def session_config(no_arena: bool = False):
+def session_config():
     """The engine's own graph_session(), with ab.py's overrides (EDGEFT_BENCH_SESSION) applied."""
     from dataclasses import replace
 
     from edgeft.device.runtime import graph_session
 
     overrides = json.loads(os.environ.get("EDGEFT_BENCH_SESSION") or "{}")
-    return replace(graph_session(None, common.THREADS, no_arena), **overrides)
+    return replace(graph_session(None, common.THREADS), **overrides)
 
 
 def patch_session_options(attrs: dict) -> None:
@@ -100,13 +100,12 @@ class EdgeftTrain:
         from edgeft.device.adapter import load_adapter
         from edgeft.device.data import Batch
         from edgeft.device.optim import AdamW
-        from edgeft.device.runtime import LoraGraphs, arena_fragments, training_variants
+        from edgeft.device.runtime import LoraGraphs, training_variants
         from edgeft.device.train import _Run
 
         b = Bundle.open(bundle)
         # an --recompute layers bundle has only the recomputing graph
-        recompute = False not in training_variants(b)
-        self.graphs = LoraGraphs(b, session_config(arena_fragments(b, recompute)), recompute=recompute)
+        self.graphs = LoraGraphs(b, session_config(), recompute=False not in training_variants(b))
         opt = b.manifest["optimizer"]
         ids, mask, labels = batch_arrays(batch, seq, b.manifest["vocab_size"])
         self.batch = Batch(ids, mask, labels, int(batch * (seq - 1)), int(batch * seq))

@@ -100,11 +100,12 @@ TRUSTED_KEY = click.option(
 )
 @click.option(
     "--quant-compute",
-    default="int8",
+    default="fp32",
     show_default=True,
-    type=click.Choice(["int8", "fp32", "dequant"]),
-    help="With --quantize int4, how training multiplies by the frozen weights: int8 or fp32 compute "
-    "(MatMulNBits; the backward reads a second int4 layout of W^T), or dequant (float32 weights each step).",
+    type=click.Choice(["fp32", "int8", "dequant"]),
+    help="With --quantize int4, how training multiplies by the frozen weights: MatMulNBits with fp32 or "
+    "int8 accuracy_level (the backward reads a second int4 layout of W^T), or dequant (float32 weights one "
+    "layer at a time, no W^T layout: the least memory).",
 )
 @click.option(
     "--recompute",

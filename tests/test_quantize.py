@@ -5,7 +5,7 @@ RMSNorm weights stay float32; LoRA tensors are float32 everywhere.
 
 Tolerances (tiny random llama, CPU), from measurement:
 - weights.safetensors vs the fp32 bundle's: int8 0.27x, int4 (block 32) 0.29x with the second
-  layout of each W^T that low-precision training reads (--quant-compute int8|fp32, the default), 0.16x
+  layout of each W^T that low-precision training reads (--quant-compute fp32, the default, or int8), 0.16x
   without it (--quant-compute dequant) (limits 0.35x / 0.32x / 0.25x; phi3 the same).
 - eval loss of a PEFT adapter, quantized vs fp32 bundle: int8 |Δ| 0.001, int4 0.012 nats (limits
   0.02 / 0.08); an adapter trained on the quantized bundle, evaluated on both: int8 0.002, int4
@@ -71,7 +71,7 @@ def test_quantized_bundle_is_smaller(factory, variant, model_type):
     from safetensors import safe_open
 
     scheme = VARIANTS[variant]["quantize"]
-    low_precision = variant == "int4"  # --quant-compute int8 (the default for int4)
+    low_precision = variant == "int4"  # --quant-compute fp32 (the default for int4)
     fp32 = factory.bundle(model_type)
     path = factory.bundle(model_type, **VARIANTS[variant])
     ratio = (path / "weights.safetensors").stat().st_size / (fp32 / "weights.safetensors").stat().st_size

@@ -24,7 +24,7 @@ from edgeft.device.weights import BundleWeights
 from edgeft.errors import EdgeftError
 
 
-def graph_session(provider: str | None = None, threads: int | None = None, no_arena: bool = False) -> SessionConfig:
+def graph_session(provider: str | None = None, threads: int | None = None) -> SessionConfig:
     """Session options of the training and eval graphs, all for memory (numerics unchanged).
     Measured on a 364 MB llama-shaped bundle, batch 1 (benchmarks/RESULTS.md has the grid):
     - no constant folding: it would fold Transpose(W) and the dequantization of quantized weights
@@ -37,26 +37,15 @@ def graph_session(provider: str | None = None, threads: int | None = None, no_ar
     - no common-subexpression elimination: it would merge layer recomputation back into the
       forward (edgeft/host/recompute.py);
     - no memory pattern: it pre-plans one block per input shape (+1 GB at batch 4 x seq 512 on a
-      160M-parameter model, no speed gain);
-    - ``no_arena`` (:func:`arena_fragments`): no CPU arena. The arena keeps every block it ever grew
-      to, and a dequantizing graph's per-layer float32 weights fragment it under layer recomputation
-      (Phi-3-mini int4 --quant-compute dequant, batch 1 x 256: 6736 -> 4108 MB peak)."""
+      160M-parameter model, no speed gain)."""
     return SessionConfig(
         provider=provider,
         threads=threads,
         mem_pattern=False,
         mem_reuse=False,
-        cpu_arena=not no_arena,
         disabled_optimizers=["ConstantFolding", "CommonSubexpressionElimination"],
         config_entries={"session.disable_prepacking": "1"},
     )
-
-
-def arena_fragments(bundle: Bundle, recompute: bool) -> bool:
-    """Whether training ``bundle`` runs better without the CPU arena (:func:`graph_session`): a
-    recomputing graph that dequantizes its weights (int8, int4 with --quant-compute dequant)."""
-    quant = bundle.manifest.get("quantization")
-    return recompute and bool(quant) and quant.get("compute", "dequant") == "dequant"
 
 
 def training_variants(bundle: Bundle) -> dict[bool, str]:

@@ -8,7 +8,6 @@ profile's preferences) go through it.
 
 from __future__ import annotations
 
-import ctypes
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,6 @@ class SessionConfig:
     deterministic: bool = True
     mem_pattern: bool = True
     mem_reuse: bool = True  # onnxruntime's planned buffer reuse between tensors
-    cpu_arena: bool = True  # False: each tensor malloc'd and freed (see map_large_allocations)
     disabled_optimizers: list[str] = field(default_factory=list)
     config_entries: dict[str, str] = field(default_factory=dict)  # SessionOptions.add_session_config_entry
 
@@ -94,28 +92,10 @@ def session_options(cfg: SessionConfig):
     opts.use_deterministic_compute = cfg.deterministic
     opts.enable_mem_pattern = cfg.mem_pattern
     opts.enable_mem_reuse = cfg.mem_reuse
-    opts.enable_cpu_mem_arena = cfg.cpu_arena
-    if not cfg.cpu_arena:
-        map_large_allocations()
     opts.log_severity_level = 3
     for key, value in cfg.config_entries.items():
         opts.add_session_config_entry(key, value)
     return opts
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-MMAP_THRESHOLD = 128 * 1024
-
-
-def map_large_allocations() -> None:
-    """glibc: every allocation above 128 KiB gets its own mapping, returned to the system when freed.
-    A fixed threshold also stops glibc from raising it (up to 32 MB) after such frees, which lets
-    freed tensors fragment the heap. Process-wide; no-op where there is no glibc mallopt."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def open_session(path: Path, cfg: SessionConfig, initializers: dict | None = None):

@@ -28,7 +28,7 @@ from edgeft.device.evaluate import mean_loss
 from edgeft.device.labelled import collate_for, examples_for
 from edgeft.device.optim import AdamW, linear_schedule
 from edgeft.device.planner import available_memory_mb, peak_rss_mb, plan
-from edgeft.device.runtime import LoraGraphs, arena_fragments, graph_session, training_variants
+from edgeft.device.runtime import LoraGraphs, graph_session, training_variants
 from edgeft.device.tokenizer import BundleTokenizer
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_write_json, fsync_dir, fsync_tree, is_disk_full, sha256_file, write_bytes
@@ -205,17 +205,13 @@ class _Run:
             start = self.cfg.init_adapter or self.bundle.path(self.bundle.manifest["lora"]["init_adapter"])
             lora = load_adapter(start, self.bundle)
         self.lora = {n: np.array(lora[n], np.float32) for n in lora}  # owned here, updated in place
-        model = LoraGraphs(self.bundle, self._session(), self.recompute)
+        model = LoraGraphs(self.bundle, graph_session(self.settings.provider, self.settings.threads), self.recompute)
         before = self._eval_loss(model, evals)
         self._loop(model)
         after = self._eval_loss(model, evals)
         with _disk_full_is_an_error(self.out / "adapter", "the trained adapter", self.out / CHECKPOINTS):
             save_adapter(self.out / "adapter", self.bundle, self.lora)
         return self._summary(before, after)
-
-    def _session(self):
-        no_arena = arena_fragments(self.bundle, self.recompute)
-        return graph_session(self.settings.provider, self.settings.threads, no_arena)
 
     def _eval_loss(self, model: LoraGraphs, evals: list[Example] | None) -> float | None:
         if not evals:

@@ -64,7 +64,7 @@ class ExportConfig:
     quantize: str | None = None  # "int8" | "int4": quantized frozen base weights (edgeft/host/quantize.py)
     quant_block_size: int = 32  # int4 block size along K (MatMulNBits layout)
     recompute: str = "auto"  # "none" | "layers" | "auto" (both training graphs; the device picks)
-    quant_compute: str = "int8"  # int4 training matmuls: "int8" | "fp32" (MatMulNBits) | "dequant" (float32)
+    quant_compute: str = "fp32"  # int4 training matmuls: "fp32" | "int8" (MatMulNBits) | "dequant" (float32)
     task: str = CAUSAL_LM  # "causal-lm" | "seq-cls" | "token-cls" (edgeft/tasks.py)
     labels: list[str] | None = None  # the classes of seq-cls / token-cls, in class-id order
 
