@@ -57,13 +57,7 @@ def test_the_backward_reads_no_layer_activation_but_layer_inputs(factory):
     found = {}
     for name in ("training_model.onnx", "training_recompute.onnx"):
         graph = onnx.load(str(path / name), load_external_data=False).graph
-        made_by = {o: n for n in graph.node for o in n.output}
-        forward, stack = set(), ["loss"]
-        while stack:
-            node = made_by.get(stack.pop())
-            if node is not None and id(node) not in forward:
-                forward.add(id(node))
-                stack.extend(node.input)
+        made_by, forward = _forward(graph)
 
         def layer(node):
             match = layer_of.match(node.name)
@@ -98,6 +92,15 @@ def test_the_backward_reads_no_float_weight_the_forward_dequantized(factory, sch
 
     path = factory.bundle("llama", quantize=scheme, quant_compute="dequant")
     graph = onnx.load(str(path / "training_recompute.onnx"), load_external_data=False).graph
+    _, forward = _forward(graph)
+    dequantized = {o for n in graph.node if id(n) in forward and "/dq/" in n.name for o in n.output}
+    kept = {i for n in graph.node if id(n) not in forward for i in n.input if i in dequantized}
+    assert len(dequantized) > 10
+    assert kept == set()
+
+
+def _forward(graph) -> tuple[dict, set[int]]:
+    """{tensor: the node making it}, and ids of the nodes the loss needs (the forward pass)."""
     made_by = {o: n for n in graph.node for o in n.output}
     forward, stack = set(), ["loss"]
     while stack:
@@ -105,10 +108,7 @@ def test_the_backward_reads_no_float_weight_the_forward_dequantized(factory, sch
         if node is not None and id(node) not in forward:
             forward.add(id(node))
             stack.extend(node.input)
-    dequantized = {o for n in graph.node if id(n) in forward and "/dq/" in n.name for o in n.output}
-    kept = {i for n in graph.node if id(n) not in forward for i in n.input if i in dequantized}
-    assert len(dequantized) > 10
-    assert kept == set()
+    return made_by, forward
 
 
 def _train(path, tmp_path, *extra):
