@@ -361,7 +361,7 @@ def plan_model(
         scheme = None if precision == "fp32" else precision.split("-")[0]
         stored = sum(_stored_bytes(kind, rows, cols, scheme, block_size) for kind, rows, cols in tensors)
         transposed = 0.0
-        if precision == "int4":  # export's default --quant-compute int8 also stores each linear Wᵀ
+        if precision == "int4":  # --quant-compute fp32 (the default) or int8 also stores each linear Wᵀ
             transposed = sum(
                 _stored_bytes(kind, cols, rows, scheme, block_size) for kind, rows, cols in tensors if kind == "linear"
             )
