@@ -131,7 +131,9 @@ def ensure_bundle(spec: dict, targets: str, precision: str, recompute: str) -> d
     meta_path = p["bundle"] / "bench-build.json"
     if meta_path.is_file():
         try:
-            if "decoder_lora" in Bundle.open(p["bundle"]).manifest["graphs"]:
+            graphs = Bundle.open(p["bundle"]).manifest["graphs"]
+            # exports before attention recomputation are stale: their training graph keeps seq^2 tensors
+            if "decoder_lora" in graphs and "recompute_attention" in graphs["training"]:
                 return json.loads(meta_path.read_text())
         except Exception as e:  # noqa: BLE001 - any failure to open means: stale, rebuild
             print(f"{p['bundle']}: stale ({e}); rebuilding", file=sys.stderr)

@@ -99,6 +99,48 @@ def test_the_backward_reads_no_float_weight_the_forward_dequantized(factory, sch
     assert kept == set()
 
 
+@pytest.mark.parametrize("model_type", ["llama", "phi3", "gemma3_text"])
+def test_recomputed_attention_equals_kept_probabilities(factory, tmp_path, monkeypatch, model_type):
+    """The plain training graph keeps no layer's attention probabilities (batch x heads x seq^2) for
+    the backward but recomputes them there: the same loss and gradients as the graph exported with
+    the pass off, which keeps one per layer (llama: GQA; phi3: fused qkv; gemma3: soft-capped scores,
+    sliding and global layers)."""
+    import onnx
+
+    from edgeft.host import recompute
+    from edgeft.host.export import ExportConfig, export_bundle
+
+    path = factory.bundle(model_type)
+    monkeypatch.setattr(recompute, "recompute_attention", lambda graph, loss="loss": 0)
+    kept = export_bundle(ExportConfig(factory.model(model_type), tmp_path / "kept", max_seq_len=128, recompute="none"))
+    probabilities = {}
+    for name, bundle_dir in (("recomputed", path), ("kept", kept)):
+        graph = onnx.load(str(bundle_dir / "training_model.onnx"), load_external_data=False).graph
+        made_by, forward = _forward(graph)
+        probabilities[name] = {  # forward Softmax outputs a backward node reads
+            i
+            for n in graph.node
+            if id(n) not in forward
+            for i in n.input
+            if i in made_by and id(made_by[i]) in forward and made_by[i].op_type == "Softmax"
+        }
+    manifests = [json.loads((d / "manifest.json").read_text())["graphs"]["training"] for d in (path, kept)]
+    assert len(probabilities["kept"]) == 2 and probabilities["recomputed"] == set()  # two layers
+    assert manifests[0]["recompute_attention"] is True and manifests[1]["recompute_attention"] is False
+    bundles = [Bundle.open(path), Bundle.open(kept)]
+    adapter = make_peft_adapter(
+        factory.model(model_type), tmp_path / "peft", targets=bundles[0].manifest["lora"]["target_modules"]
+    )
+    batch = first_batch(path, DATA / "train.jsonl")
+    (loss, grads), (want_loss, want) = (
+        LoraGraphs(b, recompute=False).loss_and_grads(load_adapter(adapter, b), batch, 17.0) for b in bundles
+    )
+    assert loss == pytest.approx(want_loss, rel=1e-6)
+    for name in want:
+        assert np.abs(want[name]).max() > 0, name
+        assert np.abs(grads[name] - want[name]).max() <= 1e-6 * np.abs(want[name]).max(), name
+
+
 def _forward(graph) -> tuple[dict, set[int]]:
     """{tensor: the node making it}, and ids of the nodes the loss needs (the forward pass)."""
     made_by = {o: n for n in graph.node for o in n.output}

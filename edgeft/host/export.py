@@ -431,7 +431,7 @@ def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out:
     graphs = {}
     with stage("recompute, save the training graphs"):
         variants = _training_graphs(cfg.recompute, training, evaluation)
-    for name, model, file in variants:
+    for name, model, file, flags in variants:
         externalize(model.graph, file_keys, ranges, {})
         onnx.save(model, str(out / file))
         graphs[name] = {
@@ -441,7 +441,7 @@ def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out:
         }
         if name != "eval":
             graphs[name]["gradients"] = {n: f"{n}_grad" for n in graphs[name]["inputs"] if n in trainable}
-            graphs[name]["recompute"] = file == TRAINING_RECOMPUTE or cfg.recompute == "layers"
+            graphs[name].update(flags)
     if not task.is_classification:  # classifiers are served by their eval graph (logits), not a decoder
         with stage("trace the decoders"), dora_for_onnx(stop_gradient=False), longrope_for_onnx(peft_model):
             graphs.update(export_decoders(peft_model, hf_config, file_keys, ranges, out, quant))
@@ -469,22 +469,27 @@ def stage(what: str):
 
 
 def _training_graphs(recompute: str, training, evaluation) -> list[tuple]:
-    """(manifest name, model, file) of the graphs to write: ``graphs.training`` is the device's
-    default; with ``auto`` the layer-recomputing variant is ``graphs.training_recompute`` beside it."""
-    from edgeft.host.recompute import recompute_layers
+    """(manifest name, model, file, manifest flags) of the graphs to write: ``graphs.training`` is the device's
+    default; with ``auto`` the layer-recomputing variant is ``graphs.training_recompute`` beside it.
+    The plain graph recomputes each layer's attention probabilities (no seq^2 tensor kept)."""
+    from edgeft.host.recompute import recompute_attention, recompute_layers
 
-    graphs = [("eval", evaluation, EVAL)]
-    if recompute != "layers":
-        graphs.append(("training", training, TRAINING))
+    graphs = [("eval", evaluation, EVAL, {})]
+    variant = None
     if recompute != "none":
         variant = type(training)()
         variant.CopyFrom(training)
+    if recompute != "layers":
+        flags = {"recompute": False, "recompute_attention": recompute_attention(training.graph) > 0}
+        graphs.append(("training", training, TRAINING, flags))
+    if variant is not None:
         if not recompute_layers(variant.graph):
             if recompute == "auto":  # nothing to recompute in this architecture: the plain graph alone
                 return graphs
             raise EdgeftError("--recompute layers: found no layers to recompute in this model's training graph")
         name = "training" if recompute == "layers" else "training_recompute"
-        graphs.append((name, variant, TRAINING if recompute == "layers" else TRAINING_RECOMPUTE))
+        flags = {"recompute": True, "recompute_attention": True}  # each layer's attention with the layer
+        graphs.append((name, variant, TRAINING if recompute == "layers" else TRAINING_RECOMPUTE, flags))
     return graphs
 
 

@@ -28,6 +28,9 @@ from edgeft.host.graph import producers, set_nodes
 LAYER = re.compile(r"^/(?:[^/]+/)*?layers?\.(\d+)/")  # the exporter's scopes: /model/layers.3/, /bert/encoder/layer.3/
 SUFFIX = "/rc"
 KEEP_OPS = {"Dropout"}  # random: recomputing would draw another mask
+ATTENTION_SUFFIX = "/ra"  # recompute_attention's clones
+PROBABILITY_OPS = {"Softmax"}  # attention probabilities: the batch x heads x seq^2 tensors a backward keeps
+MATMUL_OPS = {"MatMul", "FusedMatMul"}
 DEQUANT = "/dq/"  # in the names of quantize.py's dequantization nodes: recomputed with their layer
 
 
@@ -36,11 +39,31 @@ def recompute_layers(graph, loss: str = "loss") -> int:
     made_by = producers(graph)
     forward = _ancestors(made_by, [loss])
     saved = _saved_by_layer(graph, made_by, forward)
+    return _rewrite(graph, forward, {n: _clone_layer(n, t, made_by, forward) for n, t in sorted(saved.items())})
+
+
+def recompute_attention(graph, loss: str = "loss") -> int:
+    """Rewrite ``graph`` in place so that no layer keeps its attention probabilities (batch x heads x
+    seq^2) for the backward: each layer's backward recomputes them from the query, key and mask it
+    keeps anyway (the scores' gradient reads them). Returns how many layers now recompute them."""
+    made_by = producers(graph)
+    forward = _ancestors(made_by, [loss])
+    saved = _saved_by_layer(graph, made_by, forward)
+    clones = {}
+    for layer, tensors in sorted(saved.items()):
+        probabilities = [t for t in tensors if made_by[t].op_type in PROBABILITY_OPS]
+        if probabilities:
+            clones[layer] = _clone_layer(layer, probabilities, made_by, forward, scores_only=True)
+    return _rewrite(graph, forward, clones)
+
+
+def _rewrite(graph, forward: set[int], clones: dict[int, tuple]) -> int:
+    """Point the backward at the clones (per layer: nodes, {original tensor: clone}) and place each
+    layer's clones before the first backward node that reads them."""
     inserts: dict[int, list] = {}  # index of a backward node -> clones to place before it
     position = {id(n): i for i, n in enumerate(graph.node)}
-    for layer, tensors in sorted(saved.items()):
-        clones, renamed = _clone_layer(layer, tensors, made_by, forward)
-        if not clones:
+    for nodes, renamed in clones.values():
+        if not nodes:
             continue
         first = len(graph.node)
         for node in graph.node:
@@ -51,13 +74,13 @@ def recompute_layers(graph, loss: str = "loss") -> int:
                 node.input[i] = renamed[node.input[i]]
             if hit:
                 first = min(first, position[id(node)])
-        inserts.setdefault(first, []).extend(clones)
+        inserts.setdefault(first, []).extend(nodes)
     body = []
     for i, node in enumerate(graph.node):
         body.extend(inserts.get(i, []))
         body.append(node)
     set_nodes(graph, body)
-    return sum(1 for clones in inserts.values() if clones)
+    return sum(1 for nodes in inserts.values() if nodes)
 
 
 def _ancestors(made_by: dict, outputs: list[str]) -> set[int]:
@@ -86,9 +109,10 @@ def _saved_by_layer(graph, made_by: dict, forward: set[int]) -> dict[int, list[s
     return saved
 
 
-def _clone_layer(layer: int, tensors: list[str], made_by: dict, forward: set[int]):
+def _clone_layer(layer: int, tensors: list[str], made_by: dict, forward: set[int], scores_only: bool = False):
     """Clones (in topological order) of the layer's forward nodes that produce ``tensors``, and the
-    renaming {original tensor: recomputed tensor}. The walk stops at anything made outside the layer."""
+    renaming {original tensor: recomputed tensor}. The walk stops at anything made outside the layer;
+    with ``scores_only`` also at a Shape (reused) and at a matmul's inputs (the scores' Q and Kᵀ)."""
     order: list = []
     seen: set[int] = set()
 
@@ -99,15 +123,18 @@ def _clone_layer(layer: int, tensors: list[str], made_by: dict, forward: set[int
         match = LAYER.match(node.name)
         if DEQUANT not in node.name and (not match or int(match.group(1)) != layer):
             return
+        if scores_only and node.op_type == "Shape":
+            return
         seen.add(id(node))
-        for i in node.input:
+        for i in node.input if not (scores_only and node.op_type in MATMUL_OPS) else ():
             if i:
                 visit(i)
         order.append(node)
 
     for name in tensors:
         visit(name)
-    suffix = {id(n): f"{SUFFIX}{layer}" if DEQUANT in n.name else SUFFIX for n in order}
+    tail = ATTENTION_SUFFIX if scores_only else SUFFIX
+    suffix = {id(n): f"{tail}{layer}" if DEQUANT in n.name else tail for n in order}
     renamed = {o: o + suffix[id(node)] for node in order for o in node.output if o}
     clones = []
     for node in order:
