@@ -26,6 +26,7 @@ def make_peft_adapter(model_dir: Path, out: Path, r=8, alpha=16, targets=None, s
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, task_type="CAUSAL_LM", **options)
+    torch.manual_seed(seed)  # LoRA A's init draws from the global generator: not from earlier tests' state
     return _perturbed_and_saved(get_peft_model(base, config), out, seed, b_std)
 
 

@@ -15,6 +15,7 @@ from helpers import assert_openai_error, make_peft_adapter, running, torch_peft_
 
 from edgeft.device.generate import TextGenerator
 from edgeft.device.server import create_app
+from edgeft.host.tiny import SPECIALS
 
 ADAPTER = "tuned"
 PROMPT = "Station old mill: fan is noisy. What should the crew do?"
@@ -124,7 +125,9 @@ def test_chat_logprobs_and_streaming(server, generator):
     body = {"model": ADAPTER, "messages": messages, "max_tokens": 5, "temperature": 0, "logprobs": True}
     whole = _post(server, "chat/completions", {**body, "top_logprobs": 3}).json()["choices"][0]
     content = whole["logprobs"]["content"]
-    assert len(content) == 5 and "".join(c["token"] for c in content) == whole["message"]["content"]
+    # tokens are named with special tokens included (a random model may emit <s>); the content skips them
+    text = "".join(c["token"] for c in content if c["token"] not in SPECIALS)
+    assert len(content) == 5 and text == whole["message"]["content"]
     for c in content:
         assert len(c["top_logprobs"]) == 3 and c["logprob"] == c["top_logprobs"][0]["logprob"]
         assert c["bytes"] == list(c["token"].encode())
