@@ -73,6 +73,19 @@ QUICK = {
     "session_repeats": 1,
     "eval_check": {"model": 0, "targets": "all", "steps": 40},
 }
+# The full grid's fp32 half at full size (8-layer models, seq 128 / 512 / 1024, recompute none and
+# layers, both LoRA target sets): its fp32 targets in well under an hour, where the whole grid with
+# int8 / int4 bases takes hours on 2 cores. `bench.py --plan fp32 --out benchmarks/fp32-grid`.
+FP32 = {
+    **FULL,
+    "mode": "fp32",
+    "models": FULL["models"][:2],
+    "precisions": ["fp32"],
+    "ort119": {"layouts": [], "targets": [], "seqs": []},
+    "train_repeats": 2,
+    "decode": {**FULL["decode"], "precisions": ["fp32"]},
+    "eval_check": {"model": 0, "targets": "all", "steps": 40},
+}
 # A smoke test of the harness itself (tiny models, minutes): `bench.py --plan smoke`. Its figures mean nothing.
 SMOKE = {
     **QUICK,
@@ -89,7 +102,7 @@ SMOKE = {
     "switch_repeats": 3,
     "eval_check": {"model": 0, "targets": "all", "steps": 5},
 }
-PLANS = {"full": FULL, "quick": QUICK, "smoke": SMOKE}
+PLANS = {"full": FULL, "quick": QUICK, "fp32": FP32, "smoke": SMOKE}
 
 
 def log(msg: str) -> None:

@@ -293,7 +293,8 @@ def _header(r: dict) -> list[str]:
         out += [
             f"> **{r['mode'].capitalize()} run:** a reduced grid ("
             f"{'/'.join(sorted({str(s['config']['num_hidden_layers']) for s in r['models'].values()}))}-layer models, seq "
-            f"{', '.join(str(s) for s in r['plan']['seqs'])}, {r['plan']['train_repeats']} repeats; the machine's load "
+            f"{', '.join(str(s) for s in r['plan']['seqs'])}, {'/'.join(r['plan']['precisions'])} bases, "
+            f"{r['plan']['train_repeats']} repeats; the machine's load "
             "is in the table below). Its figures show the harness works and the direction of each ratio; the "
             "targets are judged on `make bench` (the full grid: 8-layer models, seq up to 1024).",
             "",
@@ -852,8 +853,10 @@ def _series(rows: list[dict], metric: str) -> dict:
 
 
 def write(r: dict, out: Path) -> None:
+    """RESULTS.md and scaling.png into ``out``; the sections of the other tools only into benchmarks/."""
     plot(r, out / "scaling.png")
-    (out / "RESULTS.md").write_text(markdown(r) + "\n" + other_sections())
+    others = "\n" + other_sections() if out.resolve() == HERE.resolve() else ""
+    (out / "RESULTS.md").write_text(markdown(r) + others)
 
 
 def rewrite() -> None:
