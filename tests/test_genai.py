@@ -80,28 +80,34 @@ def _genai(bundle: Path, adapter: Path, out: Path, ids: list[int], merge: bool) 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+KINDS = {"llama-int4": {"quantize": "int4"}, "qwen2-dora": {"use_dora": True}}
+
+
 @NEEDS_VENV
-@pytest.mark.parametrize("kind", [*MODEL_TYPES, "llama-int4"])
+@pytest.mark.parametrize("kind", [*MODEL_TYPES, *KINDS])
 def test_genai_greedy_equals_edgeft_generate(factory, tmp_path, kind):
     model_type = kind.split("-")[0]
-    options = {"quantize": "int4"} if kind.endswith("int4") else {}
+    options = KINDS.get(kind, {})
     bundle = factory.bundle(model_type, **options)
     targets = TARGETS.get(model_type, ["q_proj", "k_proj", "v_proj", "o_proj"])
-    adapter = make_peft_adapter(factory.model(model_type), tmp_path / "peft", targets=targets, b_std=0.3)
+    dora = {"use_dora": True} if "use_dora" in options else {}  # merged: the trained magnitudes as defaults
+    adapter = make_peft_adapter(factory.model(model_type), tmp_path / "peft", targets=targets, b_std=0.3, **dora)
     gen = TextGenerator(bundle)
     gen.decoder.add_adapter("tuned", adapter)
     ids = gen.encode(PROMPT)
     want = {"base": _edgeft_tokens(gen, ids, BASE), "tuned": _edgeft_tokens(gen, ids, "tuned")}
     assert want["base"] != want["tuned"]  # the adapter changes the answer, so a wrong switch would show
 
-    got = _genai(bundle, adapter, tmp_path, ids, merge=not options)
+    got = _genai(bundle, adapter, tmp_path, ids, merge="quantize" not in options)
     for name, (tokens, at_eos) in want.items():
         assert got[name][: len(tokens)] == tokens, name
         assert len(got[name]) == len(tokens) + at_eos and (not at_eos or got[name][-1] in gen.stop_ids), name
-    if not options:  # merge needs a float32 bundle
+    if "quantize" not in options:  # merge needs a float32 bundle
         assert got["merged"] == got["tuned"]
         merged_config = json.loads((tmp_path / "merged" / "genai_config.json").read_text())
-        assert merged_config["search"]["past_present_share_buffer"] is False  # eager attention, growing cache
+        # the GroupQueryAttention twin of model.onnx (optimum's, eager): one preallocated cache
+        assert merged_config["model"]["decoder"]["filename"] == "model_genai.onnx"
+        assert merged_config["search"]["past_present_share_buffer"] is True
     # The GroupQueryAttention decoder: genai preallocates the cache and appends in place.
     assert json.loads((tmp_path / "genai" / "genai_config.json").read_text())["search"]["past_present_share_buffer"]
     # genai's own tokenizer reads the same files and splits the text the same way; it does not run

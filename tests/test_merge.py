@@ -71,6 +71,7 @@ def test_optimum_generates_what_edgeft_serves(merged, model_type):
             "config.json",
             "generation_config.json",
             "genai_config.json",  # onnxruntime-genai loads the same directory (tests/test_genai.py)
+            "model_genai.onnx",  # from the GroupQueryAttention decoder, which genai_config.json names
             "tokenizer.json",
             "tokenizer_config.json",
         ]

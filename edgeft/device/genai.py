@@ -73,11 +73,8 @@ def export_genai(cfg: GenaiConfig) -> Path:
     for name, path in cfg.adapters.items():
         lora = load_adapter(path, bundle)
         adapters[name] = {n: lora[n] for n in lora_inputs}
-    source = bundle.path(graph["file"])
-    model = keep_all_logits(source.read_bytes(), source)
     with staged_directory(out) as staging:
-        defaults = base_lora(bundle, lora_inputs)
-        (staging / MODEL_FILE).write_bytes(model + appended_initializers(defaults))
+        (staging / MODEL_FILE).write_bytes(lora_decoder_model(bundle, base_lora(bundle, lora_inputs)))
         _link_or_copy(bundle.path(bundle.manifest.get("weights", WEIGHTS)), staging / WEIGHTS)
         bundle.copy_files(staging, TOKENIZER_FILES, OPTIONAL_FILES, "onnxruntime-genai's tokenizer")
         shared = graph.get("kv_cache") == "shared"  # GroupQueryAttention: genai appends to the cache in place
@@ -85,6 +82,15 @@ def export_genai(cfg: GenaiConfig) -> Path:
         for name, lora in adapters.items():
             write_adapter(lora, staging / f"{name}{ADAPTER_SUFFIX}")
     return out
+
+
+def lora_decoder_model(bundle: Bundle, defaults: dict[str, np.ndarray]) -> bytes:
+    """``decoder_lora.onnx`` as onnxruntime-genai's decoder: every position's logits, and ``defaults``
+    (one per LoRA input) appended as overridable initializers."""
+    graph = bundle.manifest["graphs"]["decoder_lora"]
+    source = bundle.path(graph["file"])
+    extra = appended_initializers({n: defaults[n] for n in graph["lora_inputs"]})
+    return keep_all_logits(source.read_bytes(), source) + extra
 
 
 def genai_supported(bundle: Bundle) -> bool:

@@ -2,7 +2,9 @@
 
 The result is a standalone directory that optimum's ``ORTModelForCausalLM.from_pretrained`` loads
 (``model.onnx`` + config + tokenizer), with no LoRA inputs and no edgeft needed to serve it; its
-``genai_config.json`` (``edgeft.device.genai``) makes it an onnxruntime-genai model as well.
+``genai_config.json`` (``edgeft.device.genai``) makes it an onnxruntime-genai model as well, run
+from ``model_genai.onnx`` (the bundle's GroupQueryAttention decoder, LoRA inputs defaulting to
+the merged model) where the bundle has one.
 
 No torch, transformers, peft, optimum or onnx: the bundle's ``decoder.onnx`` (the adapter-free
 decoder) is copied verbatim as ``model.onnx``. Its weights are ONNX external data pointing at
@@ -30,6 +32,7 @@ from edgeft.fsutil import staged_directory
 from edgeft.tasks import CAUSAL_LM, Task, require
 
 MODEL_FILE = "model.onnx"  # optimum's standard name: found without passing file_name
+GENAI_MODEL_FILE = "model_genai.onnx"  # the GroupQueryAttention twin genai_config.json names
 WEIGHTS = "weights.safetensors"  # the name decoder.onnx's external data points at
 REQUIRED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
 OPTIONAL_FILES = ("generation_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -47,7 +50,7 @@ class MergeConfig:
 def merge(cfg: MergeConfig) -> Path:
     """Write the bundle's base model with ``cfg.adapter`` fused in to ``cfg.out``; return its path."""
     from edgeft.device.adapter import bundle_scaling, load_adapter
-    from edgeft.device.genai import genai_config, genai_supported, write_config
+    from edgeft.device.genai import genai_supported
 
     bundle = Bundle.open(cfg.bundle, trusted_key=cfg.trusted_key)
     require(Task.of(bundle.manifest), (CAUSAL_LM,), "edgeft merge")
@@ -70,8 +73,25 @@ def merge(cfg: MergeConfig) -> Path:
         _check_same_layout(staging / WEIGHTS, header_bytes, weights)
         bundle.copy_files(staging, REQUIRED_FILES, OPTIONAL_FILES, "the merged model")
         if genai_supported(bundle):  # onnxruntime-genai loads the same directory
-            write_config(staging, genai_config(bundle, MODEL_FILE))
+            _write_genai(bundle, lora, staging)
     return out
+
+
+def _write_genai(bundle: Bundle, lora: dict[str, np.ndarray], staging: Path) -> None:
+    """genai_config.json, and the GroupQueryAttention decoder it names where the bundle has one
+    (onnxruntime-genai then appends to one preallocated cache: measured 0.68x as fast at context
+    2048 on model.onnx's growing cache). Its LoRA inputs default to A = B = 0 and, for DoRA, to
+    the trained magnitudes m: the fused rows W' have norm m, so m / ||W'|| * W' = W'."""
+    from edgeft.device.adapter import is_magnitude
+    from edgeft.device.genai import genai_config, lora_decoder_model, write_config
+
+    graph = bundle.manifest["graphs"].get("decoder_lora", {})
+    if graph.get("kv_cache") != "shared":
+        write_config(staging, genai_config(bundle, MODEL_FILE))
+        return
+    defaults = {n: lora[n] if is_magnitude(n) else np.zeros_like(lora[n]) for n in graph["lora_inputs"]}
+    (staging / GENAI_MODEL_FILE).write_bytes(lora_decoder_model(bundle, defaults))
+    write_config(staging, genai_config(bundle, GENAI_MODEL_FILE, share_buffer=True))
 
 
 def check_out(out: Path, bundle_root: Path, adapters: list[Path], overwrite: bool) -> Path:
