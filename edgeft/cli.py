@@ -180,6 +180,14 @@ def export(profile, max_seq_len, quantize, **options):
     help="Layer recomputation (less memory, ~30 % more compute). auto: only when the run would not fit "
     "the memory budget otherwise (needs a bundle exported with --recompute auto).",
 )
+@click.option(
+    "--prepack",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "on", "off"]),
+    help="int4 bundles: pre-pack the weights for MatMulNBits (faster steps, one more copy of the int4 "
+    "weights). auto: when that copy fits the memory budget too.",
+)
 @click.option("--no-progress", is_flag=True)
 @PROFILE
 @TRUSTED_KEY

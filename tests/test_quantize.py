@@ -28,6 +28,7 @@ from click.testing import CliRunner
 from conftest import DATA, MODEL_TYPES
 from helpers import make_peft_adapter
 
+from edgeft.bundle import Bundle
 from edgeft.cli import main
 
 SCHEMES = ["int8", "int4"]
@@ -199,6 +200,54 @@ def test_training_lowers_loss_like_fp32(factory, tmp_path, scheme):
     ref = _eval(ref_path, data, _train(ref_path, data, tmp_path / "run-fp32"))
     assert trained < before - 0.2, (before, trained)
     assert abs(trained - ref) / ref <= TRAIN_GAP, (trained, ref)
+
+
+def test_prepacked_int4_trains_the_same_and_auto_needs_room(factory, tmp_path, monkeypatch):
+    """--prepack: MatMulNBits with its packed layout gives the unpacked run's losses and adapter
+    (fp32 compute: the same products, another summation order); auto pre-packs only when the
+    planner's estimate plus the packed copy fits the budget; float32 bundles never pre-pack."""
+    from dataclasses import replace
+
+    from safetensors.numpy import load_file
+
+    from edgeft.device import train as train_module
+    from edgeft.device.planner import plan
+
+    path = factory.bundle("llama", quantize="int4")
+    data = DATA / "train.jsonl"
+    runs = {}
+    for mode in ("off", "on"):
+        out = tmp_path / mode
+        args = ["train", path, "--data", data, "--out", out, "--max-steps", 3, "--no-progress", "--prepack", mode]
+        assert _run(*args).exit_code == 0
+        runs[mode] = (
+            json.loads((out / "summary.json").read_text()),
+            load_file(str(out / "adapter" / "adapter_model.safetensors")),
+        )
+    assert runs["off"][0]["prepack"] is False and runs["on"][0]["prepack"] is True
+    np.testing.assert_allclose(runs["on"][0]["losses"], runs["off"][0]["losses"], rtol=1e-5)
+    for name, want in runs["off"][1].items():
+        np.testing.assert_allclose(runs["on"][1][name], want, rtol=1e-4, atol=1e-6)
+
+    real = plan(Bundle.open(path), 4, 128)
+    assert real.train_prepack_mb > 0 and plan(Bundle.open(factory.bundle("llama")), 4, 128).train_prepack_mb == 0
+    monkeypatch.setattr(
+        train_module, "plan", lambda *a, **k: replace(real, train_peak_mb=500.0, train_prepack_mb=300.0)
+    )
+    for budget, expected in ((900, True), (700, False)):
+        out = tmp_path / f"auto-{budget}"
+        args = ["train", path, "--data", data, "--out", out, "--max-steps", 1, "--no-progress"]
+        assert _run(*args, "--memory-budget", budget, "--recompute", "none").exit_code == 0
+        assert json.loads((out / "summary.json").read_text())["prepack"] is expected
+    fp32 = factory.bundle("llama")
+    out = tmp_path / "fp32"
+    assert (
+        _run(
+            "train", fp32, "--data", data, "--out", out, "--max-steps", 1, "--no-progress", "--prepack", "on"
+        ).exit_code
+        == 0
+    )
+    assert json.loads((out / "summary.json").read_text())["prepack"] is False
 
 
 def test_int4_block_size_option(factory, tmp_path):

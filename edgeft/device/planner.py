@@ -48,6 +48,11 @@ RECOMPUTE_KEPT = 1.0  # x T * layers * hidden floats: each layer's input (fixed,
 RECOMPUTE_LAYER_TOKEN = 12.31  # x T * (hidden + intermediate) floats: one layer's forward + backward
 RECOMPUTE_ATTENTION = 2.50  # x batch * heads * seq^2 floats: that layer's scores, probabilities, grads
 RECOMPUTE_VOCAB = 3.35
+# Pre-packing (int4 MatMulNBits training, edgeft train --prepack): MLAS keeps a packed copy of each
+# W layout beside the mapped one, and the per-call float32 dequantizations go. Measured, Llama-3.2-1B
+# int4 batch 1 x 256 (W layouts 737 MB): +192 MB with --quant-compute fp32, +624 MB with int8 (whose
+# packed layout carries int8 block sums).
+PREPACK_COPY = {"fp32": 0.3, "int8": 0.85}  # x the int4 W layouts' stored MB, per --quant-compute
 QUANT_DEQUANT_COPIES = 2.0  # x (largest layer + lm_head) float32 weights, quantized bundles only
 # Serving (decoder session): transposed copies of linear weights are folded at session start.
 SERVE_OVERHEAD_MB = 19.0
@@ -82,6 +87,7 @@ class Plan:
     kv_cache_mb: float
     batch_size: int
     max_seq_len: int
+    train_prepack_mb: float = 0.0  # more with pre-packed int4 weights (edgeft train --prepack)
 
     def as_dict(self) -> dict:
         return {k: round(v, 1) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -134,6 +140,7 @@ class _Weights:
     scheme: str | None  # None, "int8", "int4"
     dequantized: float = 0.0  # float32 copies a dequantizing training graph keeps alive (MB)
     transposed: float = 0.0  # int4 Wᵀ layouts (training's backward only; the decoders never read them)
+    packed: float = 0.0  # what pre-packing the int4 W layouts MatMulNBits multiplies with adds (MB)
 
 
 def plan(bundle: Bundle, batch_size: int = 4, max_seq_len: int | None = None, runtime_mb: float | None = None) -> Plan:
@@ -149,7 +156,8 @@ def plan(bundle: Bundle, batch_size: int = 4, max_seq_len: int | None = None, ru
     if quant and quant.get("compute", "dequant") == "dequant":
         dequantized = QUANT_DEQUANT_COPIES * _largest_dequantized_mb(bundle)
     scheme = quant.get("scheme") if quant else None
-    weights = _Weights(stored, fp32, _embedding_mb(bundle), scheme, dequantized, transposed)
+    packed = PREPACK_COPY.get(quant.get("compute"), 0.0) * _packed_mb(bundle, quant) if quant else 0.0
+    weights = _Weights(stored, fp32, _embedding_mb(bundle), scheme, dequantized, transposed, packed)
     base = runtime_baseline_mb() if runtime_mb is None else runtime_mb
     lora = bundle.manifest["lora"]["trainable_parameters"]
     classifier = Task.of(bundle.manifest).is_classification
@@ -184,7 +192,9 @@ def _estimate(
     if w.scheme == "int8":  # the decoder session folds int8 weights to float32
         serve_load = base + SERVE_OVERHEAD_MB + w.stored + (1 + SERVE_LINEAR_COPY) * (w.fp32 - w.embedding)
     serve = serve_load + max(_prefill_mb(shape, seq), kv)
-    return Plan(train_peak, train_recompute_peak, serve, base, w.stored, lora_state, act, act_rc, kv, batch, seq)
+    return Plan(
+        train_peak, train_recompute_peak, serve, base, w.stored, lora_state, act, act_rc, kv, batch, seq, w.packed
+    )
 
 
 def _train_activations_mb(s: _Shape, batch: int, seq: int) -> float:
@@ -232,6 +242,17 @@ def _quantized_weights_mb(bundle: Bundle, quant: dict, transposed_only: bool = F
             total += _stored_bytes(kind, rows, cols, quant.get("scheme") if kind != "vector" else None, block)
         if "transposed" in p.get("quantized", {}):
             total += _stored_bytes(kind, cols, rows, "int4", block)
+    return total / MB
+
+
+def _packed_mb(bundle: Bundle, quant: dict) -> float:
+    """MB of the int4 W layouts the training graphs multiply with through MatMulNBits (those with a
+    Wᵀ layout beside them): what pre-packing copies."""
+    block = quant.get("block_size") or 32
+    total = 0
+    for p in bundle.frozen:
+        if "transposed" in p.get("quantized", {}):
+            total += _stored_bytes("linear", p["shape"][0], math.prod(p["shape"][1:]), "int4", block)
     return total / MB
 
 

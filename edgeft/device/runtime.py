@@ -24,13 +24,14 @@ from edgeft.device.weights import BundleWeights
 from edgeft.errors import EdgeftError
 
 
-def graph_session(provider: str | None = None, threads: int | None = None) -> SessionConfig:
+def graph_session(provider: str | None = None, threads: int | None = None, prepack: bool = False) -> SessionConfig:
     """Session options of the training and eval graphs, all for memory (numerics unchanged).
     Measured on a 364 MB llama-shaped bundle, batch 1 (benchmarks/RESULTS.md has the grid):
     - no constant folding: it would fold Transpose(W) and the dequantization of quantized weights
       into new float32 copies of every weight (+390 MB);
     - no pre-packing: MLAS would keep packed copies of the weights for the forward and the
-      backward (+480 MB);
+      backward (+480 MB); ``prepack`` turns it on (edgeft train --prepack: int4 MatMulNBits
+      without its packed layout dequantizes the whole weight to float32 on every call);
     - no planned buffer reuse: onnxruntime hands a freed activation's buffer to a later tensor,
       which keeps it alive as long as that tensor lives; across the backward this held 1.3-4x the
       live activations (seq 1024: 1815 -> 1448 MB, and with layer recomputation 1552 -> 435 MB);
@@ -44,8 +45,15 @@ def graph_session(provider: str | None = None, threads: int | None = None) -> Se
         mem_pattern=False,
         mem_reuse=False,
         disabled_optimizers=["ConstantFolding", "CommonSubexpressionElimination"],
-        config_entries={"session.disable_prepacking": "1"},
+        config_entries={"session.disable_prepacking": "0" if prepack else "1"},
     )
+
+
+def packs_int4(bundle: Bundle) -> bool:
+    """Whether the bundle's training graphs multiply with int4 MatMulNBits (export --quantize int4,
+    --quant-compute fp32 or int8), which pre-packing speeds up."""
+    quant = bundle.manifest.get("quantization") or {}
+    return quant.get("scheme") == "int4" and quant.get("compute", "dequant") != "dequant"
 
 
 def training_variants(bundle: Bundle) -> dict[bool, str]:
