@@ -60,14 +60,14 @@ def vocab_of(model_dir: Path) -> int:
 # Training contenders. Each step: one batch, loss + LoRA gradients, clip to 1.0, AdamW.
 
 
-def session_config():
+def session_config(prepack: bool = False):
     """The engine's own graph_session(), with ab.py's overrides (EDGEFT_BENCH_SESSION) applied."""
     from dataclasses import replace
 
     from edgeft.device.runtime import graph_session
 
     overrides = json.loads(os.environ.get("EDGEFT_BENCH_SESSION") or "{}")
-    return replace(graph_session(None, common.THREADS), **overrides)
+    return replace(graph_session(None, common.THREADS, prepack), **overrides)
 
 
 def patch_session_options(attrs: dict) -> None:
@@ -101,11 +101,15 @@ class EdgeftTrain:
         from edgeft.device.data import Batch
         from edgeft.device.optim import AdamW
         from edgeft.device.runtime import LoraGraphs, training_variants
-        from edgeft.device.train import _Run
+        from edgeft.device.train import _Run, check_prepack
 
         b = Bundle.open(bundle)
         # an --recompute layers bundle has only the recomputing graph
-        self.graphs = LoraGraphs(b, session_config(), recompute=False not in training_variants(b))
+        recompute = False not in training_variants(b)
+        # edgeft train's default (--prepack auto): int4 weights pre-packed when the copy fits this box
+        prepack = check_prepack(b, batch, seq, None, recompute, "auto")
+        self.graphs = LoraGraphs(b, session_config(prepack), recompute=recompute)
+        self.prepack = prepack
         opt = b.manifest["optimizer"]
         ids, mask, labels = batch_arrays(batch, seq, b.manifest["vocab_size"])
         self.batch = Batch(ids, mask, labels, int(batch * (seq - 1)), int(batch * seq))
@@ -138,7 +142,8 @@ class EdgeftTrain:
         loss, ntok = self._optimizer_step(self.run, self.graphs)
         dt = time.perf_counter() - t0
         self.run.step += 1
-        return {"seconds": dt, "forward_backward_seconds": self.fb_seconds, "loss": float(loss), "tokens": ntok}
+        out = {"seconds": dt, "forward_backward_seconds": self.fb_seconds, "loss": float(loss), "tokens": ntok}
+        return {**out, "prepack": self.prepack}
 
     def end_profiling(self) -> dict:
         return {"path": self.graphs._training.session.end_profiling()}
