@@ -228,7 +228,7 @@ def _genai_dirs(p: dict, bundle: Path, device_python: str) -> tuple[Path, Path]:
     their genai_config.json asks for the benchmark's thread count."""
     merged, exported = p["root"] / "genai-merged", p["root"] / "genai-adapters"
     edgeft = [device_python, "-m", "edgeft.cli"]
-    if not (merged / "genai_config.json").is_file():
+    if not (merged / "model_genai.onnx").is_file():  # (merge output before it had its GQA model: redone)
         subprocess.run([*edgeft, "merge", str(bundle), "--adapter", str(p["adapter_a"]), "--out", str(merged),
                         "--overwrite"], check=True, env=_env())  # fmt: skip
     if not (exported / "genai_config.json").is_file():

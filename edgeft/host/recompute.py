@@ -1,5 +1,8 @@
-"""Host pass: layer recomputation. The backward of each decoder layer recomputes that layer's
-forward from the layer's inputs instead of keeping its activations from the forward pass.
+"""Host passes: layer recomputation. The backward of each decoder layer recomputes that layer's
+forward from the layer's inputs instead of keeping its activations from the forward pass
+(``recompute_layers``), or only its attention probabilities, the batch x heads x seq^2 tensors,
+from the query, key and mask it keeps anyway (``recompute_attention``, applied to every plain
+training graph).
 
 After the gradient graph is built, every tensor a decoder layer's forward produces and the backward
 reads is "saved" (kept alive from the forward to the backward). For each layer this pass clones the
@@ -80,7 +83,7 @@ def _rewrite(graph, forward: set[int], clones: dict[int, tuple]) -> int:
         body.extend(inserts.get(i, []))
         body.append(node)
     set_nodes(graph, body)
-    return sum(1 for nodes in inserts.values() if nodes)
+    return sum(1 for nodes, _ in clones.values() if nodes)
 
 
 def _ancestors(made_by: dict, outputs: list[str]) -> set[int]:
