@@ -34,13 +34,10 @@ F32 = 4
 # Training (LoraGraphs: training + eval sessions over one mapping of the weights; module docstring).
 TRAIN_OVERHEAD_MB = 19.9  # two sessions, kernels, arena slack
 TRAIN_PER_LAYER_TOKEN = 6.00  # x T * layers * (hidden + intermediate) floats saved for backward
-TRAIN_ATTENTION = (
-    1.36  # x batch * layers * heads * seq^2 floats: probabilities kept (bundles before recompute_attention)
-)
-# Since export recomputes them in each layer's backward: one layer's scores, probabilities and their
-# gradients at a time, as with layer recomputation. Measured (8 layers, 768 wide, batch 4 x 1024):
-# 7837 MB kept, 5773 MB recomputed.
-TRAIN_ATTENTION_ONE_LAYER = 2.50  # x batch * heads * seq^2 floats
+# x batch * layers * heads * seq^2 floats: every layer's probabilities kept (bundles before
+# recompute_attention). Since, one layer's at a time: RECOMPUTE_ATTENTION's term (measured, 8 layers,
+# 768 wide, batch 4 x 1024: 7837 MB kept, 5773 MB recomputed).
+TRAIN_ATTENTION = 1.36
 TRAIN_VOCAB = 4.12  # x T * vocab floats (logits etc.; exist for labelled rows only: T is the upper bound)
 # With layer recomputation (same 30 runs): each layer's input kept, one layer's activations at a time.
 RECOMPUTE_OVERHEAD_MB = 20.3
@@ -201,7 +198,7 @@ def _train_activations_mb(s: _Shape, batch: int, seq: int) -> float:
     tokens = batch * seq
     floats = (
         TRAIN_PER_LAYER_TOKEN * s.activation_factor * tokens * s.layers * (s.hidden + s.intermediate)
-        + (TRAIN_ATTENTION * s.layers if s.attention_kept else TRAIN_ATTENTION_ONE_LAYER) * batch * s.heads * seq * seq
+        + (TRAIN_ATTENTION * s.layers if s.attention_kept else RECOMPUTE_ATTENTION) * batch * s.heads * seq * seq
         + TRAIN_VOCAB * tokens * s.vocab
     )
     return floats * F32 / MB
