@@ -79,14 +79,17 @@ METRIC_LABEL = {"rss_ratio": "Peak training RSS", "time_ratio": "Train step time
 # memory trace, the A/B rows) are in RESULTS.md's last sections; update with each full run.
 LIMITS = {
     "rss": (
-        "Above RSS-after-load, the peak is the activations the forward keeps for the backward (per layer the "
-        "batch × heads × seq² attention probabilities — torch's sdpa keeps none — and the MLP intermediates) "
-        "plus ONNX Runtime's arena; with a quantized base the dequantized float32 weights are alive at the peak "
-        "too (findings below). Recompute (not yet in ExportConfig) is what addresses the activations."
+        "Above RSS-after-load, the peak is the activations the forward keeps for the backward (the MLP "
+        "intermediates; attention probabilities are recomputed one layer at a time) and the loss head's "
+        "batch × seq × vocabulary logits and their gradient, plus ONNX Runtime's arena; the frozen weights are "
+        "a small part at these sizes, so quantizing them moves the ratio little. An int8 base is dequantized "
+        "to float32 per layer; an int4 base holds either the float32 temporary of an unpacked MatMulNBits call "
+        "(the largest weight, the head) or MLAS's packed layouts (findings below)."
     ),
     "time": (
-        "The matmuls dominate the step and MLAS runs them at about torch's (MKL) speed on this CPU; a quantized "
-        "base adds a dequantization per weight per pass (again in the backward)."
+        "The matmuls dominate the step and MLAS runs them at about torch's (MKL) speed on this CPU; MLAS's "
+        "int4 kernel with float32 compute dequantizes tiles of the weight and is no faster than its sgemm, and "
+        "int8 compute (accuracy_level 4) moves the loss."
     ),
     "decode": (
         "Both decoders read every fp32 weight once per token; the gap is transformers' per-token Python and "
@@ -750,6 +753,17 @@ def _large_findings(d: dict) -> list[str]:
         "bring the recomputing step under 5 GB; the default block stays 32 (the accuracy cost of 128 is not "
         "measured here). That row was exported by a later edgeft (`--quant-compute fp32`, attention "
         "probabilities recomputed in the plain graph) and beside a `make test` run, which inflates its export time.",
+        "",
+        "The planner rows count, for int4 training through MatMulNBits, the float32 temporary of an unpacked "
+        "call: onnxruntime's MatMulNBits without its packed layout (these runs: `--prepack off`) dequantizes its "
+        "whole weight per call, and the largest is the head (Llama-3.2-1B's tied 128256 x 2048: 1002 MB; "
+        "Phi-3-mini's: 394 MB). Before, the Llama-3.2-1B int4 rows were planned 21-34 % low. A probe of one step "
+        "sampled RSS per ORT node: that call alone added 1.7 GB at the head's forward. Pre-packed "
+        "(`--prepack auto`), the temporary goes and MLAS's own layouts of every W and Wᵀ come instead, measured "
+        "at session start: 0.44 bytes per weight (Llama-3.2-1B, blocks of 32, float32 compute), 0.47 (Phi-3-mini, "
+        "blocks of 128), 0.70 with int8 compute. The Llama-3.2-1B int4 row is a rerun with today's edgeft "
+        "(`--quant-compute fp32`, attention recomputed); the other rows' plans are `large.py --replan` of the "
+        "bundles they measured.",
         "",
     ]
 

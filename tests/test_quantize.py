@@ -230,7 +230,8 @@ def test_prepacked_int4_trains_the_same_and_auto_needs_room(factory, tmp_path, m
         np.testing.assert_allclose(runs["on"][1][name], want, rtol=1e-4, atol=1e-6)
 
     real = plan(Bundle.open(path), 4, 128)
-    assert real.train_prepack_mb > 0 and plan(Bundle.open(factory.bundle("llama")), 4, 128).train_prepack_mb == 0
+    # the packed layouts in place of the unpacked calls' float32 temporary: a tiny model's head outweighs them
+    assert real.train_prepack_mb != 0 and plan(Bundle.open(factory.bundle("llama")), 4, 128).train_prepack_mb == 0
     monkeypatch.setattr(
         train_module, "plan", lambda *a, **k: replace(real, train_peak_mb=500.0, train_prepack_mb=300.0)
     )

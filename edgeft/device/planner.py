@@ -45,11 +45,13 @@ RECOMPUTE_KEPT = 1.0  # x T * layers * hidden floats: each layer's input (fixed,
 RECOMPUTE_LAYER_TOKEN = 12.31  # x T * (hidden + intermediate) floats: one layer's forward + backward
 RECOMPUTE_ATTENTION = 2.50  # x batch * heads * seq^2 floats: that layer's scores, probabilities, grads
 RECOMPUTE_VOCAB = 3.35
-# Pre-packing (int4 MatMulNBits training, edgeft train --prepack): MLAS keeps a packed copy of each
-# W layout beside the mapped one, and the per-call float32 dequantizations go. Measured, Llama-3.2-1B
-# int4 batch 1 x 256 (W layouts 737 MB): +192 MB with --quant-compute fp32, +624 MB with int8 (whose
-# packed layout carries int8 block sums).
-PREPACK_COPY = {"fp32": 0.3, "int8": 0.85}  # x the int4 W layouts' stored MB, per --quant-compute
+# int4 MatMulNBits training (--quant-compute fp32|int8). Unpacked (edgeft train --prepack off), every
+# call dequantizes its whole weight to float32: a temporary the size of the largest one, K x N floats
+# (Llama-3.2-1B's tied 128256 x 2048 head: 1002 MB). Pre-packed, that temporary goes and MLAS keeps its
+# own layout of every W and Wᵀ beside the mapped ones; measured at session start, per weight element:
+# fp32 compute 0.44 bytes (Llama-3.2-1B, blocks of 32) and 0.47 (Phi-3-mini, 128); int8 0.70 (Llama,
+# its packed layout carries int8 block sums).
+PREPACK_BYTES = {"fp32": 0.46, "int8": 0.70}  # per element of the int4 layouts, per --quant-compute
 QUANT_DEQUANT_COPIES = 2.0  # x (largest layer + lm_head) float32 weights, quantized bundles only
 # Serving (decoder session): transposed copies of linear weights are folded at session start.
 SERVE_OVERHEAD_MB = 19.0
@@ -84,7 +86,9 @@ class Plan:
     kv_cache_mb: float
     batch_size: int
     max_seq_len: int
-    train_prepack_mb: float = 0.0  # more with pre-packed int4 weights (edgeft train --prepack)
+    # more (less if negative) with pre-packed int4 weights (edgeft train --prepack): the packed
+    # layouts instead of the unpacked calls' float32 temporary, which the training peaks include
+    train_prepack_mb: float = 0.0
 
     def as_dict(self) -> dict:
         return {k: round(v, 1) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -137,7 +141,8 @@ class _Weights:
     scheme: str | None  # None, "int8", "int4"
     dequantized: float = 0.0  # float32 copies a dequantizing training graph keeps alive (MB)
     transposed: float = 0.0  # int4 Wᵀ layouts (training's backward only; the decoders never read them)
-    packed: float = 0.0  # what pre-packing the int4 W layouts MatMulNBits multiplies with adds (MB)
+    packed: float = 0.0  # MLAS's packed copies of the int4 layouts MatMulNBits multiplies with (MB)
+    unpacked: float = 0.0  # the float32 temporary of an unpacked MatMulNBits call: the largest weight (MB)
 
 
 def plan(bundle: Bundle, batch_size: int = 4, max_seq_len: int | None = None, runtime_mb: float | None = None) -> Plan:
@@ -153,8 +158,10 @@ def plan(bundle: Bundle, batch_size: int = 4, max_seq_len: int | None = None, ru
     if quant and quant.get("compute", "dequant") == "dequant":
         dequantized = QUANT_DEQUANT_COPIES * _largest_dequantized_mb(bundle)
     scheme = quant.get("scheme") if quant else None
-    packed = PREPACK_COPY.get(quant.get("compute"), 0.0) * _packed_mb(bundle, quant) if quant else 0.0
-    weights = _Weights(stored, fp32, _embedding_mb(bundle), scheme, dequantized, transposed, packed)
+    elements, largest = _matmul_nbits(bundle)
+    packed = PREPACK_BYTES.get(quant.get("compute"), 0.0) * elements / MB if quant else 0.0
+    unpacked = largest * F32 / MB if packed else 0.0
+    weights = _Weights(stored, fp32, _embedding_mb(bundle), scheme, dequantized, transposed, packed, unpacked)
     base = runtime_baseline_mb() if runtime_mb is None else runtime_mb
     lora = bundle.manifest["lora"]["trainable_parameters"]
     classifier = Task.of(bundle.manifest).is_classification
@@ -179,8 +186,8 @@ def _estimate(
     act = _train_activations_mb(shape, batch, seq) + w.dequantized
     act_rc = _recompute_activations_mb(shape, batch, seq) + w.dequantized
     # The weights are mapped once (file-backed pages, resident once read) and shared by both sessions.
-    train_peak = base + TRAIN_OVERHEAD_MB + w.stored + lora_state + act
-    train_recompute_peak = base + RECOMPUTE_OVERHEAD_MB + w.stored + lora_state + act_rc
+    train_peak = base + TRAIN_OVERHEAD_MB + w.stored + w.unpacked + lora_state + act
+    train_recompute_peak = base + RECOMPUTE_OVERHEAD_MB + w.stored + w.unpacked + lora_state + act_rc
     copies = SERVE_KV_COPIES_SHARED if shared_kv else SERVE_KV_COPIES
     kv = 0.0 if classifier else copies * 2 * shape.layers * shape.kv_heads * shape.head_dim * seq * F32 / MB
     serve_load = base + SERVE_OVERHEAD_MB + w.stored + SERVE_LINEAR_COPY * (w.stored - w.embedding)
@@ -190,7 +197,18 @@ def _estimate(
         serve_load = base + SERVE_OVERHEAD_MB + w.stored + (1 + SERVE_LINEAR_COPY) * (w.fp32 - w.embedding)
     serve = serve_load + max(_prefill_mb(shape, seq), kv)
     return Plan(
-        train_peak, train_recompute_peak, serve, base, w.stored, lora_state, act, act_rc, kv, batch, seq, w.packed
+        train_peak,
+        train_recompute_peak,
+        serve,
+        base,
+        w.stored,
+        lora_state,
+        act,
+        act_rc,
+        kv,
+        batch,
+        seq,
+        w.packed - w.unpacked,
     )
 
 
@@ -242,15 +260,11 @@ def _quantized_weights_mb(bundle: Bundle, quant: dict, transposed_only: bool = F
     return total / MB
 
 
-def _packed_mb(bundle: Bundle, quant: dict) -> float:
-    """MB of the int4 W layouts the training graphs multiply with through MatMulNBits (those with a
-    Wᵀ layout beside them): what pre-packing copies."""
-    block = quant.get("block_size") or 32
-    total = 0
-    for p in bundle.frozen:
-        if "transposed" in p.get("quantized", {}):
-            total += _stored_bytes("linear", p["shape"][0], math.prod(p["shape"][1:]), "int4", block)
-    return total / MB
+def _matmul_nbits(bundle: Bundle) -> tuple[int, int]:
+    """(elements of every int4 layout the training graphs multiply with through MatMulNBits, W and
+    Wᵀ of each weight stored with a Wᵀ layout; elements of the largest such weight)."""
+    sizes = [math.prod(p["shape"]) for p in bundle.frozen if "transposed" in p.get("quantized", {})]
+    return 2 * sum(sizes), max(sizes, default=0)
 
 
 def _largest_dequantized_mb(bundle: Bundle) -> float:
@@ -383,18 +397,23 @@ def plan_model(
     fp32 = sum(rows * cols for _, rows, cols in tensors) * F32 / MB
     embedding = sum(rows * cols for kind, rows, cols in tensors if kind == "embedding") * F32 / MB
     lora = _lora_parameters(config, shape, lora_r)
+    tied = config.get("tie_word_embeddings", model_facts(config["model_type"]).tied_default)
+    # what int4 training multiplies with through MatMulNBits: the linear weights and a tied head
+    matmuls = [(rows, cols) for kind, rows, cols in tensors if kind == "linear" or kind == "embedding" and tied]
     out = []
     for precision in PRECISIONS:
         scheme = None if precision == "fp32" else precision.split("-")[0]
         stored = sum(_stored_bytes(kind, rows, cols, scheme, block_size) for kind, rows, cols in tensors)
-        transposed = 0.0
-        if precision == "int4":  # --quant-compute fp32 (the default) or int8 also stores each linear Wᵀ
-            transposed = sum(
-                _stored_bytes(kind, cols, rows, scheme, block_size) for kind, rows, cols in tensors if kind == "linear"
-            )
+        transposed, packed, unpacked = 0.0, 0.0, 0.0
+        if precision == "int4":  # --quant-compute fp32 (the default): MatMulNBits over W and a stored Wᵀ
+            transposed = sum(_stored_bytes("linear", cols, rows, scheme, block_size) for rows, cols in matmuls)
+            packed = PREPACK_BYTES["fp32"] * 2 * sum(rows * cols for rows, cols in matmuls) / MB
+            unpacked = max(rows * cols for rows, cols in matmuls) * F32 / MB
         dequantizes = precision in ("int8", "int4-dequant")
         dequantized = QUANT_DEQUANT_COPIES * _largest_layer_mb(tensors, shape) if dequantizes else 0.0
-        weights = _Weights((stored + transposed) / MB, fp32, embedding, scheme, dequantized, transposed / MB)
+        weights = _Weights(
+            (stored + transposed) / MB, fp32, embedding, scheme, dequantized, transposed / MB, packed, unpacked
+        )
         # export writes the GroupQueryAttention decoder (one KV buffer) where head sizes allow it
         estimate = _estimate(shape, weights, lora, batch_size, seq, runtime_mb, shared_kv=shape.head_dim % 8 == 0)
         out.extend(ModelPlan(precision, recompute, estimate, budget_mb) for recompute in RECOMPUTE)

@@ -99,7 +99,7 @@ def check_prepack(
 ) -> bool:
     """Pre-pack the int4 weights (``mode``: off | on | auto)? MatMulNBits without its packed layout
     dequantizes the whole weight to float32 on every call: packed, a step takes ~0.6x the time
-    (Llama-3.2-1B int4, 2 cores) for one more copy of the W layouts. ``auto``: when that fits."""
+    (Llama-3.2-1B int4, 2 cores) for MLAS's copies of the int4 layouts. ``auto``: when that fits."""
     if mode == "off" or not packs_int4(bundle):
         return False
     if mode == "on":
