@@ -165,7 +165,7 @@ def _train(name: str, bundle: Path, data: Path, steps: int, recompute: str) -> d
     subprocess.run(["rm", "-rf", str(run)], check=True)
     args = ["train", str(bundle), "--data", str(data), "--out", str(run), "--max-steps", str(steps)]
     args += ["--batch-size", "1", "--max-seq-len", "256", "--truncate", "--no-progress", "--save-minutes", "0"]
-    args += ["--recompute", recompute, "--prepack", "off"]  # the memory-first figures (SPEC 3c has pre-packing's)
+    args += ["--recompute", recompute]  # --prepack auto, the default: int4 pre-packed when it needs no more memory
     log(f"{name}: edgeft train {bundle.name} --recompute {recompute}")
     result, seconds, peak = measured([str(DEVICE / "edgeft"), *args])
     if result.returncode != 0:
@@ -177,6 +177,7 @@ def _train(name: str, bundle: Path, data: Path, steps: int, recompute: str) -> d
         "step_seconds": summary["seconds"] / summary["steps"],
         "tokens_per_second": summary["tokens_per_second"],
         "recompute": summary["recompute"],
+        "prepack": summary.get("prepack", False),
         "losses": summary["losses"],
     }
 

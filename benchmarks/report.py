@@ -701,7 +701,11 @@ def _large() -> str:
                     continue
                 if run == "train" and t.get("recompute"):
                     planned = "train_recompute_peak_mb"  # auto chose recompute
-                cells += [_vs_plan(t["peak_rss_mb"], plan.get(planned)) + (" (recompute)" if t["recompute"] else ""),
+                estimate = plan.get(planned)
+                if estimate is not None and t.get("prepack"):  # the int4 layouts pre-packed (--prepack auto)
+                    estimate += plan.get("train_prepack_mb", 0.0)
+                notes = [n for n, on in (("recompute", t["recompute"]), ("pre-packed", t.get("prepack"))) if on]
+                cells += [_vs_plan(t["peak_rss_mb"], estimate) + "".join(f" ({n})" for n in notes),
                           f"{t['step_seconds']:.1f}"]  # fmt: skip
             g = dev.get("generate", {})
             cells += [_vs_plan(g["peak_rss_mb"], plan.get("serve_peak_mb")) if g.get("ok") else "failed",
@@ -719,7 +723,7 @@ def _large_findings(d: dict) -> list[str]:
     phi = d.get("phi3-mini", {})
     lines = []
     kinds = (
-        ("int4", "`--quant-compute int8`"),
+        ("int4", "`--quantize int4` (blocks of 32, `--quant-compute fp32`: the defaults)"),
         ("int4-dequant", "`--quant-compute dequant`"),
         ("int4-b128", "`--quant-block-size 128` (W and Wᵀ layouts, one scale per 128 weights)"),
     )
@@ -741,29 +745,32 @@ def _large_findings(d: dict) -> list[str]:
         "",
         *lines,
         "",
-        "`--quant-compute int8` (the default when measured; today's default `fp32` computes the same while "
-        "training sessions do not pre-pack) multiplies by W with MatMulNBits in the forward and by a second int4 "
-        "layout of Wᵀ in the backward: its weights alone are ~4.5 GB of the peak. `--quant-compute dequant` stores "
-        "W once and dequantizes one layer's weights at a time: smaller and faster, but its recomputing step peaks "
-        "50 % above the planner. The ORT profiler over one such step puts the live tensors at its peak at 1.2 GB "
-        "beside the 2.3 GB of mapped weights; the rest is onnxruntime's CPU arena keeping freed blocks, fragmented "
-        "by those per-layer float32 weights. Without the arena (and a fixed glibc mmap threshold) one step peaked "
-        "at 4108 MB, but three steps at 5860 MB and 179 s a step: not taken. Blocks of 128 (the group size of "
-        "GPTQ/AWQ checkpoints and of onnxruntime's own int4 quantizer) make both int4 layouts 15 % smaller and "
-        "bring the recomputing step under 5 GB; the default block stays 32 (the accuracy cost of 128 is not "
-        "measured here). That row was exported by a later edgeft (`--quant-compute fp32`, attention "
-        "probabilities recomputed in the plain graph) and beside a `make test` run, which inflates its export time.",
+        "`--quantize int4` multiplies by W with MatMulNBits in the forward and by a second int4 layout of Wᵀ in "
+        "the backward, pre-packed by `edgeft train --prepack auto` (the default): MLAS repacks the 4-bit data at "
+        "session start while edgeft drops the weights file's pages it read (`edgeft/device/weights.py`), and reads "
+        "the scales from the file, so the weights cost what is stored (4.5 GB at blocks of 32) and no float32 "
+        "copy of a weight exists; at blocks of 32 the recomputing step misses 5 GB by 14 MB, the rest being ~470 MB "
+        "of activations and arena, the LoRA state and the runtime. Before (`--quant-compute int8`, unpacked) it "
+        "peaked at 5434 MB and took 103 s a step. `--quant-compute dequant` stores W once and dequantizes one "
+        "layer's weights at a time: smaller, but its recomputing step peaks 50 % above the planner. The ORT "
+        "profiler over one such step puts the live tensors at its peak at 1.2 GB beside the 2.3 GB of mapped "
+        "weights; the rest is onnxruntime's CPU arena keeping freed blocks, fragmented by those per-layer float32 "
+        "weights. Without the arena (and a fixed glibc mmap threshold) one step peaked at 4108 MB, but three steps "
+        "at 5860 MB and 179 s a step: not taken. Blocks of 128 (the group size of GPTQ/AWQ checkpoints and of "
+        "onnxruntime's own int4 quantizer) make both int4 layouts 15 % smaller and bring the recomputing step to "
+        "4.5 GB; the default block stays 32 (the accuracy cost of 128 is not measured here). The int4-dequant row "
+        "was exported by an earlier edgeft (its plain training graph keeps attention probabilities); int4-b128 "
+        "beside a `make test` run, which inflates its export time.",
         "",
-        "The planner rows count, for int4 training through MatMulNBits, the float32 temporary of an unpacked "
-        "call: onnxruntime's MatMulNBits without its packed layout (these runs: `--prepack off`) dequantizes its "
-        "whole weight per call, and the largest is the head (Llama-3.2-1B's tied 128256 x 2048: 1002 MB; "
-        "Phi-3-mini's: 394 MB). Before, the Llama-3.2-1B int4 rows were planned 21-34 % low. A probe of one step "
-        "sampled RSS per ORT node: that call alone added 1.7 GB at the head's forward. Pre-packed "
-        "(`--prepack auto`), the temporary goes and MLAS's own layouts of every W and Wᵀ come instead, measured "
-        "at session start: 0.44 bytes per weight (Llama-3.2-1B, blocks of 32, float32 compute), 0.47 (Phi-3-mini, "
-        "blocks of 128), 0.70 with int8 compute. The Llama-3.2-1B int4 row is a rerun with today's edgeft "
-        "(`--quant-compute fp32`, attention recomputed); the other rows' plans are `large.py --replan` of the "
-        "bundles they measured.",
+        "The planner counts, for int4 training through MatMulNBits, the float32 temporary of an unpacked call "
+        "(`--prepack off`: onnxruntime's MatMulNBits without its packed layout dequantizes its whole weight per "
+        "call; the largest is the head, Llama-3.2-1B's tied 128256 x 2048: 1002 MB, Phi-3-mini's 394 MB), and "
+        "`train_prepack_mb`, what pre-packing changes (minus that temporary; int8 compute's layout adds block "
+        "sums). A probe that sampled RSS per ORT node through one step found that call adding 1.7 GB at the "
+        "head's forward; RSS at session start gave the packed layout's size (0.50 bytes per weight with fp32 "
+        "compute, the 4-bit data; 0.75 with int8). Before, the Llama-3.2-1B int4 rows were planned 21-34 % low. "
+        "Unpacked, the same Llama-3.2-1B int4 runs peaked at 3982 / 3324 MB and took 16.4 / 25.2 s a step. "
+        "The plans of rows measured earlier are `large.py --replan` of the bundles they measured.",
         "",
     ]
 

@@ -399,7 +399,8 @@ def plan(path, batch_size, max_seq_len, as_json, profile, memory_budget_mb, lora
     budget = _plan_budget(profile, memory_budget_mb)
     if budget is not None:
         result["budget_mb"] = budget
-        result["fits"] = max(result["train_peak_mb"], result["serve_peak_mb"]) <= budget
+        train = result["train_peak_mb"] + min(0.0, result["train_prepack_mb"])  # --prepack auto's choice
+        result["fits"] = max(train, result["serve_peak_mb"]) <= budget
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -407,6 +408,9 @@ def plan(path, batch_size, max_seq_len, as_json, profile, memory_budget_mb, lora
         f"training  (batch {result['batch_size']}, seq {result['max_seq_len']}): {result['train_peak_mb']:.0f} MB peak, "
         f"{result['train_recompute_peak_mb']:.0f} MB with layer recomputation"
     )
+    if result["train_prepack_mb"]:  # int4 MatMulNBits bundles: edgeft train --prepack
+        packed = [result[k] + result["train_prepack_mb"] for k in ("train_peak_mb", "train_recompute_peak_mb")]
+        click.echo(f"  int4 weights pre-packed (--prepack on, or auto): {packed[0]:.0f} MB, {packed[1]:.0f} MB")
     click.echo(f"serving   (one request of {result['max_seq_len']} tokens):  {result['serve_peak_mb']:.0f} MB peak")
     parts = ("runtime_mb", "weights_mb", "lora_state_mb", "train_activations_mb", "kv_cache_mb")
     click.echo("  " + ", ".join(f"{k.removesuffix('_mb')} {result[k]:.0f} MB" for k in parts))

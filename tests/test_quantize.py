@@ -240,6 +240,16 @@ def test_prepacked_int4_trains_the_same_and_auto_needs_room(factory, tmp_path, m
         args = ["train", path, "--data", data, "--out", out, "--max-steps", 1, "--no-progress"]
         assert _run(*args, "--memory-budget", budget, "--recompute", "none").exit_code == 0
         assert json.loads((out / "summary.json").read_text())["prepack"] is expected
+    # packed layouts that need less than the unpacked run: auto takes them, and the memory check
+    # admits a run that fits only with them
+    monkeypatch.setattr(
+        train_module, "plan", lambda *a, **k: replace(real, train_peak_mb=500.0, train_prepack_mb=-100.0)
+    )
+    out = tmp_path / "auto-smaller"
+    args = ["train", path, "--data", data, "--out", out, "--max-steps", 1, "--no-progress", "--recompute", "none"]
+    assert _run(*args, "--memory-budget", 450).exit_code == 0
+    assert json.loads((out / "summary.json").read_text())["prepack"] is True
+    assert _run(*args, "--memory-budget", 450, "--prepack", "off").exit_code != 0
     fp32 = factory.bundle("llama")
     out = tmp_path / "fp32"
     assert (
@@ -249,6 +259,39 @@ def test_prepacked_int4_trains_the_same_and_auto_needs_room(factory, tmp_path, m
         == 0
     )
     assert json.loads((out / "summary.json").read_text())["prepack"] is False
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="reads Linux's /proc/self/smaps")
+def test_prepacking_drops_the_mapped_int4_pages(factory, monkeypatch):
+    """A pre-packing session reads every int4 weight once into MLAS's layout: the weights file's
+    mapped pages are dropped as it does (without that they would stay resident beside the layout)."""
+    import contextlib
+
+    from edgeft.device.runtime import LoraGraphs, graph_session
+    from edgeft.device.weights import BundleWeights
+
+    bundle = Bundle.open(factory.bundle("llama", quantize="int4"))
+    weights = bundle.path(bundle.manifest["weights"])
+    resident = {}
+    for shed in (True, False):
+        if not shed:
+            monkeypatch.setattr(BundleWeights, "shedding", lambda self: contextlib.nullcontext())
+        graphs = LoraGraphs(bundle, graph_session(prepack=True))
+        graphs._training  # noqa: B018 - the session, pre-packing its weights
+        resident[shed] = _resident_kb(weights)
+        del graphs
+    assert resident[False] >= 0.5 * weights.stat().st_size / 1024 and resident[True] <= 8, resident
+
+
+def _resident_kb(path: Path) -> int:
+    """Resident KB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1] in "0123456789abcdef" and "-" in line.split(" ", 1)[0]:
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
 
 
 def test_int4_block_size_option(factory, tmp_path):

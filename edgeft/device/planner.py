@@ -47,11 +47,11 @@ RECOMPUTE_ATTENTION = 2.50  # x batch * heads * seq^2 floats: that layer's score
 RECOMPUTE_VOCAB = 3.35
 # int4 MatMulNBits training (--quant-compute fp32|int8). Unpacked (edgeft train --prepack off), every
 # call dequantizes its whole weight to float32: a temporary the size of the largest one, K x N floats
-# (Llama-3.2-1B's tied 128256 x 2048 head: 1002 MB). Pre-packed, that temporary goes and MLAS keeps its
-# own layout of every W and Wᵀ beside the mapped ones; measured at session start, per weight element:
-# fp32 compute 0.44 bytes (Llama-3.2-1B, blocks of 32) and 0.47 (Phi-3-mini, 128); int8 0.70 (Llama,
-# its packed layout carries int8 block sums).
-PREPACK_BYTES = {"fp32": 0.46, "int8": 0.70}  # per element of the int4 layouts, per --quant-compute
+# (Llama-3.2-1B's tied 128256 x 2048 head: 1002 MB). Pre-packed, that temporary goes: MLAS repacks the
+# 4-bit data (the same bytes; the mapped pages are dropped as it goes) and reads the scales from the
+# mapping; with int8 compute its layout adds int8 block sums. Measured at session start, Llama-3.2-1B
+# int4: 0.50 bytes per weight element with fp32 compute (the data), 0.75 with int8.
+PREPACK_EXTRA = {"fp32": 0.0, "int8": 0.25}  # bytes per element of the int4 layouts beyond the stored data
 QUANT_DEQUANT_COPIES = 2.0  # x (largest layer + lm_head) float32 weights, quantized bundles only
 # Serving (decoder session): transposed copies of linear weights are folded at session start.
 SERVE_OVERHEAD_MB = 19.0
@@ -86,8 +86,8 @@ class Plan:
     kv_cache_mb: float
     batch_size: int
     max_seq_len: int
-    # more (less if negative) with pre-packed int4 weights (edgeft train --prepack): the packed
-    # layouts instead of the unpacked calls' float32 temporary, which the training peaks include
+    # more (less if negative) with pre-packed int4 weights (edgeft train --prepack): MLAS's layouts
+    # instead of the unpacked calls' float32 temporary, which the training peaks include
     train_prepack_mb: float = 0.0
 
     def as_dict(self) -> dict:
@@ -141,7 +141,7 @@ class _Weights:
     scheme: str | None  # None, "int8", "int4"
     dequantized: float = 0.0  # float32 copies a dequantizing training graph keeps alive (MB)
     transposed: float = 0.0  # int4 Wᵀ layouts (training's backward only; the decoders never read them)
-    packed: float = 0.0  # MLAS's packed copies of the int4 layouts MatMulNBits multiplies with (MB)
+    packed: float = 0.0  # what MLAS's layouts of the int4 weights add to the stored ones (MB)
     unpacked: float = 0.0  # the float32 temporary of an unpacked MatMulNBits call: the largest weight (MB)
 
 
@@ -159,8 +159,9 @@ def plan(bundle: Bundle, batch_size: int = 4, max_seq_len: int | None = None, ru
         dequantized = QUANT_DEQUANT_COPIES * _largest_dequantized_mb(bundle)
     scheme = quant.get("scheme") if quant else None
     elements, largest = _matmul_nbits(bundle)
-    packed = PREPACK_BYTES.get(quant.get("compute"), 0.0) * elements / MB if quant else 0.0
-    unpacked = largest * F32 / MB if packed else 0.0
+    nbits = bool(quant) and quant.get("compute") in PREPACK_EXTRA
+    packed = PREPACK_EXTRA[quant["compute"]] * elements / MB if nbits else 0.0
+    unpacked = largest * F32 / MB if nbits else 0.0
     weights = _Weights(stored, fp32, _embedding_mb(bundle), scheme, dequantized, transposed, packed, unpacked)
     base = runtime_baseline_mb() if runtime_mb is None else runtime_mb
     lora = bundle.manifest["lora"]["trainable_parameters"]
@@ -404,16 +405,14 @@ def plan_model(
     for precision in PRECISIONS:
         scheme = None if precision == "fp32" else precision.split("-")[0]
         stored = sum(_stored_bytes(kind, rows, cols, scheme, block_size) for kind, rows, cols in tensors)
-        transposed, packed, unpacked = 0.0, 0.0, 0.0
-        if precision == "int4":  # --quant-compute fp32 (the default): MatMulNBits over W and a stored Wᵀ
+        transposed = 0.0
+        # --quant-compute fp32 (the default): MatMulNBits over W and a stored Wᵀ, pre-packed by
+        # edgeft train's default (--prepack auto): no unpacked call's float32 temporary
+        if precision == "int4":
             transposed = sum(_stored_bytes("linear", cols, rows, scheme, block_size) for rows, cols in matmuls)
-            packed = PREPACK_BYTES["fp32"] * 2 * sum(rows * cols for rows, cols in matmuls) / MB
-            unpacked = max(rows * cols for rows, cols in matmuls) * F32 / MB
         dequantizes = precision in ("int8", "int4-dequant")
         dequantized = QUANT_DEQUANT_COPIES * _largest_layer_mb(tensors, shape) if dequantizes else 0.0
-        weights = _Weights(
-            (stored + transposed) / MB, fp32, embedding, scheme, dequantized, transposed / MB, packed, unpacked
-        )
+        weights = _Weights((stored + transposed) / MB, fp32, embedding, scheme, dequantized, transposed / MB)
         # export writes the GroupQueryAttention decoder (one KV buffer) where head sizes allow it
         estimate = _estimate(shape, weights, lora, batch_size, seq, runtime_mb, shared_kv=shape.head_dim % 8 == 0)
         out.extend(ModelPlan(precision, recompute, estimate, budget_mb) for recompute in RECOMPUTE)

@@ -13,6 +13,7 @@ neither is copied per step.
 
 from __future__ import annotations
 
+import contextlib
 from functools import cached_property
 
 import numpy as np
@@ -23,15 +24,18 @@ from edgeft.device.session import SessionConfig, onnxruntime, open_session
 from edgeft.device.weights import BundleWeights
 from edgeft.errors import EdgeftError
 
+PREPACKING = "session.disable_prepacking"  # onnxruntime's session config key: "0" pre-packs
+
 
 def graph_session(provider: str | None = None, threads: int | None = None, prepack: bool = False) -> SessionConfig:
     """Session options of the training and eval graphs, all for memory (numerics unchanged).
     Measured on a 364 MB llama-shaped bundle, batch 1 (benchmarks/RESULTS.md has the grid):
     - no constant folding: it would fold Transpose(W) and the dequantization of quantized weights
       into new float32 copies of every weight (+390 MB);
-    - no pre-packing: MLAS would keep packed copies of the weights for the forward and the
-      backward (+480 MB); ``prepack`` turns it on (edgeft train --prepack: int4 MatMulNBits
-      without its packed layout dequantizes the whole weight to float32 on every call);
+    - no pre-packing: MLAS would keep packed copies of float weights for the forward and the
+      backward (+480 MB); ``prepack`` turns it on for int4 bundles (edgeft train --prepack), whose
+      MatMulNBits calls without it dequantize the whole weight to float32 each, and whose packed
+      layout then replaces the mapped pages (``_Bound`` drops them);
     - no planned buffer reuse: onnxruntime hands a freed activation's buffer to a later tensor,
       which keeps it alive as long as that tensor lives; across the backward this held 1.3-4x the
       live activations (seq 1024: 1815 -> 1448 MB, and with layer recomputation 1552 -> 435 MB);
@@ -45,7 +49,7 @@ def graph_session(provider: str | None = None, threads: int | None = None, prepa
         mem_pattern=False,
         mem_reuse=False,
         disabled_optimizers=["ConstantFolding", "CommonSubexpressionElimination"],
-        config_entries={"session.disable_prepacking": "0" if prepack else "1"},
+        config_entries={PREPACKING: "0" if prepack else "1"},
     )
 
 
@@ -113,7 +117,11 @@ class _Bound:
     def __init__(self, bundle: Bundle, graph: str, config: SessionConfig, weights: BundleWeights):
         entry = bundle.manifest["graphs"][graph]
         shared = weights.values if config.provider in (None, "cpu", "CPUExecutionProvider") else None
-        self.session = open_session(bundle.path(entry["file"]), config, shared)
+        # Pre-packing reads every int4 weight once into MLAS's own layout: drop the mapped pages as
+        # it goes, so that layout replaces the stored one in memory (edgeft/device/weights.py).
+        packs = shared is not None and config.config_entries.get(PREPACKING) == "0"
+        with weights.shedding() if packs else contextlib.nullcontext():
+            self.session = open_session(bundle.path(entry["file"]), config, shared)
         self.binding = self.session.io_binding()
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.inputs = entry["inputs"]

@@ -88,7 +88,7 @@ def train(cfg: TrainConfig) -> dict:
     evals = examples_for(task, cfg.eval_data, tok, seq_len, truncate=cfg.truncate) if cfg.eval_data else None
     batch_seq = min(seq_len, max(len(e.input_ids) for e in examples + (evals or [])))
     budget = settings.memory_budget_mb
-    recompute = check_memory(bundle, cfg.batch_size, batch_seq, budget, cfg.recompute)
+    recompute = check_memory(bundle, cfg.batch_size, batch_seq, budget, cfg.recompute, cfg.prepack)
     prepack = check_prepack(bundle, cfg.batch_size, batch_seq, budget, recompute, cfg.prepack)
     run = _Run(cfg, bundle, tok, examples, settings, recompute, prepack)
     return run.execute(evals)
@@ -98,23 +98,34 @@ def check_prepack(
     bundle: Bundle, batch_size: int, seq_len: int, budget_mb: float | None, recompute: bool, mode: str
 ) -> bool:
     """Pre-pack the int4 weights (``mode``: off | on | auto)? MatMulNBits without its packed layout
-    dequantizes the whole weight to float32 on every call: packed, a step takes ~0.6x the time
-    (Llama-3.2-1B int4, 2 cores) for MLAS's copies of the int4 layouts. ``auto``: when that fits."""
+    dequantizes the whole weight to float32 on every call: packed, a step takes ~0.6x the time and
+    less memory (Llama-3.2-1B int4, 2 cores: 16.4 -> 10.5 s, 3982 -> 3008 MB). ``auto``: whenever
+    that needs no more memory, else when it fits the budget (int8 compute's layout is larger)."""
     if mode == "off" or not packs_int4(bundle):
         return False
     if mode == "on":
         return True
-    budget = budget_mb or available_memory_mb()
     estimate = plan(bundle, batch_size, seq_len)
-    need = estimate.train_recompute_peak_mb if recompute else estimate.train_peak_mb
-    return budget is not None and need + estimate.train_prepack_mb <= budget
+    if estimate.train_prepack_mb <= 0:
+        return True
+    budget = budget_mb or available_memory_mb()
+    return budget is not None and _need(estimate, recompute, True) <= budget
 
 
-def check_memory(bundle: Bundle, batch_size: int, seq_len: int, budget_mb: float | None, mode: str = "auto") -> bool:
+def _need(estimate, recompute: bool, packed: bool) -> float:
+    """The planned training peak of one setting (MB)."""
+    peak = estimate.train_recompute_peak_mb if recompute else estimate.train_peak_mb
+    return peak + (estimate.train_prepack_mb if packed else 0.0)
+
+
+def check_memory(
+    bundle: Bundle, batch_size: int, seq_len: int, budget_mb: float | None, mode: str = "auto", prepack: str = "off"
+) -> bool:
     """Pick layer recomputation or not (``mode``: none | layers | auto) and refuse, with the
     estimate and a way out, a run the device cannot hold (instead of being killed by the OOM
     killer halfway). ``auto`` recomputes only when the run would not fit otherwise. The budget is
-    --memory-budget, the profile's, or the memory available right now. Returns: recompute?"""
+    --memory-budget, the profile's, or the memory available right now. ``prepack``: the --prepack
+    mode, whose int4 layouts (when it will take them) change the need. Returns: recompute?"""
     variants = training_variants(bundle)
     if mode == "none" and False not in variants:
         raise EdgeftError(f"{bundle.root}: exported with --recompute layers; it has no training graph without it")
@@ -125,19 +136,18 @@ def check_memory(bundle: Bundle, batch_size: int, seq_len: int, budget_mb: float
     if budget is None:
         return choices[0]
     estimate = plan(bundle, batch_size, seq_len)
+    packed = packs_int4(bundle) and (prepack == "on" or prepack == "auto" and estimate.train_prepack_mb <= 0)
     for recompute in choices:
-        need = estimate.train_recompute_peak_mb if recompute else estimate.train_peak_mb
-        if need <= budget:
+        if _need(estimate, recompute, packed) <= budget:
             return recompute
     best = choices[-1]  # the smallest variant allowed: the hints estimate with it
 
     def peak(batch: int, seq: int) -> float:
-        p = plan(bundle, batch, seq)
-        return p.train_recompute_peak_mb if best else p.train_peak_mb
+        return _need(plan(bundle, batch, seq), best, packed)
 
     hints = []
     if True not in variants and mode == "auto":
-        hints.append(f"a bundle exported with --recompute auto (~{estimate.train_recompute_peak_mb:.0f} MB)")
+        hints.append(f"a bundle exported with --recompute auto (~{_need(estimate, True, packed):.0f} MB)")
     if batch_size > 1:
         smaller = max(1, batch_size // 2)
         hints.append(f"--batch-size {smaller} --grad-accum {batch_size // smaller} (~{peak(smaller, seq_len):.0f} MB)")
