@@ -24,7 +24,7 @@ ADAPTER = "tuned"
 LIMIT = 10  # documents per task (of 24): 40 log-likelihoods and 10 generations
 
 
-def _evaluate(model: str, model_args: dict) -> dict:
+def _evaluate(model: str, model_args: dict, batch_size: int = 1) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -35,7 +35,7 @@ def _evaluate(model: str, model_args: dict) -> dict:
         model_args=args,
         tasks=TASKS,
         task_manager=tasks,
-        batch_size=1,
+        batch_size=batch_size,
         device="cpu",
         limit=LIMIT,
         log_samples=True,
@@ -66,7 +66,7 @@ def test_lm_eval_scores_edgeft_serve_like_hf_peft(factory, tmp_path, monkeypatch
             "max_length": 128,
             "max_retries": 1,
         }
-        edge = _evaluate("local-completions", served)
+        edge = _evaluate("local-completions", served, batch_size=4)  # 4 prompts per request
     hf = _evaluate("hf", {"pretrained": model_dir, "peft": adapter, "dtype": "float32", "max_length": 128})
 
     assert edge["results"]["stations_mc"]["acc,none"] == hf["results"]["stations_mc"]["acc,none"]

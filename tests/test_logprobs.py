@@ -187,7 +187,7 @@ BAD = {
     "top_logprobs without logprobs": ("chat/completions", {"top_logprobs": 2}, None),
     "token id outside the vocabulary": ("completions", {"prompt": [1, 10**9]}, None),
     "negative token id": ("completions", {"prompt": [[-3]]}, None),
-    "two token prompts": ("completions", {"prompt": [[1, 2], [3]]}, "prompt"),
+    "more prompts than the cap": ("completions", {"prompt": [[1, 2]] * 65}, "prompt"),
     "token prompt longer than the context": ("completions", {"prompt": [5] * 200}, None),
     "empty token prompt": ("completions", {"prompt": []}, None),
     "chat max_tokens 0": ("chat/completions", {"max_tokens": 0}, "max_tokens"),

@@ -98,11 +98,33 @@ def test_completion_returns_text_and_usage(client, generator, base_id):
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
+def test_several_prompts_get_one_choice_each(server, client, base_id):
+    """OpenAI's batch form: a list of prompts (text or token ids) gets one choice per prompt, in
+    order, each what that prompt alone gets (greedy), the usage summed; streamed, it is refused."""
+    prompts = [PROMPT, "Station pine hill: valve is failed.", [5, 6, 7, 8]]
+    alone = [client.completions.create(**{**_completion_args(base_id), "prompt": p}) for p in prompts]
+    batch = client.completions.create(**{**_completion_args(base_id), "prompt": [PROMPT, prompts[1]]})
+    ids = client.completions.create(**{**_completion_args(base_id), "prompt": [[5, 6, 7, 8], [5, 6, 7, 8]]})
+    assert [c.index for c in batch.choices] == [0, 1] and [c.index for c in ids.choices] == [0, 1]
+    assert [c.text for c in batch.choices] == [a.choices[0].text for a in alone[:2]]
+    assert [c.text for c in ids.choices] == [alone[2].choices[0].text] * 2
+    assert batch.usage.total_tokens == sum(a.usage.total_tokens for a in alone[:2])
+    streamed = {**_completion_args(base_id), "prompt": [PROMPT, PROMPT], "stream": True}
+    error = assert_openai_error(
+        httpx.post(f"{server}/v1/completions", json=streamed, headers=_auth(), timeout=TIMEOUT), 400
+    )
+    assert error["param"] == "prompt"
+    empty = {**_completion_args(base_id), "prompt": []}
+    assert_openai_error(httpx.post(f"{server}/v1/completions", json=empty, headers=_auth(), timeout=TIMEOUT), 400)
+
+
 def test_null_fields_mean_defaults(server, base_id):
     body = {"model": base_id, "prompt": PROMPT, "max_tokens": None, "temperature": None, "stop": None}
     response = httpx.post(f"{server}/v1/completions", json=body, headers=_auth(), timeout=TIMEOUT)
     assert response.status_code == 200, response.text
-    assert 0 < response.json()["usage"]["completion_tokens"] <= 16  # OpenAI's completions default
+    reply = response.json()  # temperature null = 1: sampled, so the first token may end it
+    tokens, reason = reply["usage"]["completion_tokens"], reply["choices"][0]["finish_reason"]
+    assert tokens == 16 if reason == "length" else reason == "stop" and tokens < 16, reply  # OpenAI's default
 
 
 def test_chat_completion_returns_text_and_usage(client, base_id):

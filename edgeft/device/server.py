@@ -156,6 +156,7 @@ def _add_adapter(engine: Engine, name: str, path: Path) -> None:
 # are capped as OpenAI caps them: 5 alternatives per token for completions, 20 for chat.
 
 MAX_LOGPROBS = 5  # /v1/completions `logprobs`
+MAX_PROMPTS = 64  # prompts per /v1/completions request, generated one after another
 MAX_TOP_LOGPROBS = 20  # /v1/chat/completions `top_logprobs`
 
 
@@ -191,7 +192,7 @@ class _Sampled(BaseModel):
 
 
 class CompletionRequest(_Sampled):
-    # A string, or token ids (lm-evaluation-harness sends [[ids]]); one prompt per request.
+    # A string or token ids (lm-evaluation-harness sends [[ids]]), or a list of prompts (OpenAI's batch form).
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int = Field(16, ge=0)  # OpenAI's default for completions; 0 with echo scores the prompt only
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -200,16 +201,18 @@ class CompletionRequest(_Sampled):
     def limit(self, room: int) -> int:
         return self.max_tokens
 
-    def text(self) -> str | list[int]:
-        """The prompt: a string, or a list of token ids."""
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts, each a string or a list of token ids; several only without ``stream``."""
         prompt = self.prompt
         if isinstance(prompt, str):
-            return prompt
+            return [prompt]
         if prompt and all(isinstance(t, int) for t in prompt):
-            return list(prompt)
-        if len(prompt) != 1:
-            raise ApiError(400, "only one prompt per request is supported", param="prompt")
-        return prompt[0] if isinstance(prompt[0], str) else list(prompt[0])
+            return [list(prompt)]
+        if not 1 <= len(prompt) <= MAX_PROMPTS:
+            raise ApiError(400, f"prompt must hold 1 to {MAX_PROMPTS} prompts, got {len(prompt)}", param="prompt")
+        if len(prompt) > 1 and self.stream:
+            raise ApiError(400, "a streamed completion takes one prompt", param="prompt")
+        return [p if isinstance(p, str) else list(p) for p in prompt]
 
 
 class TextPart(BaseModel):
@@ -713,18 +716,40 @@ class Server:
     async def respond(self, job: Job) -> JSONResponse | StreamingResponse:
         if job.streaming:
             return await self._stream(job)
-        future = self.worker.submit(lambda: _drain(job.stream))
-        done, _ = await asyncio.wait({future}, timeout=max(job.remaining(), 0))
+        await self._generate([job])
+        return JSONResponse(job.body())
+
+    async def respond_all(self, jobs: list[Job]) -> JSONResponse:
+        """A completions request with several prompts: one response, a choice per prompt in order."""
+        await self._generate(jobs)
+        bodies = [job.body() for job in jobs]
+        usage = {k: sum(b["usage"][k] for b in bodies) for k in bodies[0]["usage"]}
+        choices = [{**b["choices"][0], "index": i} for i, b in enumerate(bodies)]
+        return JSONResponse({**bodies[0], "choices": choices, "usage": usage})
+
+    async def _generate(self, jobs: list[Job]) -> None:
+        """Run the jobs' generations one after another as one worker job (one queue slot), within
+        the first one's deadline."""
+
+        def run() -> BaseException | None:
+            for job in jobs:
+                error = _drain(job.stream)
+                if error is not None:
+                    return error
+            return None
+
+        future = self.worker.submit(run)
+        done, _ = await asyncio.wait({future}, timeout=max(jobs[0].remaining(), 0))
         if not done:
-            job.cancelled.set()  # a running generation stops at its next token...
+            for job in jobs:
+                job.cancelled.set()  # a running generation stops at its next token...
             future.cancel()  # ...and a queued one never starts (its slot is freed now)
-            raise job.timeout_error()
+            raise jobs[0].timeout_error()
         error = future.result()
         if isinstance(error, _TimedOut):
-            raise job.timeout_error()
+            raise jobs[0].timeout_error()
         if error is not None:
             raise error
-        return JSONResponse(job.body())
 
     async def _stream(self, job: Job) -> StreamingResponse:
         """Generate on the worker, hand pieces to the loop through an asyncio queue. The first
@@ -844,8 +869,8 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
-        job = await server.prepare(req, req.text(), None, chat=False)
-        return await server.respond(job)
+        jobs = [await server.prepare(req, prompt, None, chat=False) for prompt in req.prompts()]
+        return await (server.respond(jobs[0]) if len(jobs) == 1 else server.respond_all(jobs))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
