@@ -235,6 +235,7 @@ class _Run:
             start = self.cfg.init_adapter or self.bundle.path(self.bundle.manifest["lora"]["init_adapter"])
             lora = load_adapter(start, self.bundle)
         self.lora = {n: np.array(lora[n], np.float32) for n in lora}  # owned here, updated in place
+        del lora  # the loaded copy would stay alive through the whole run
         session = graph_session(self.settings.provider, self.settings.threads, self.prepack)
         model = LoraGraphs(self.bundle, session, self.recompute)
         before = self._eval_loss(model, evals)
