@@ -185,8 +185,9 @@ def export(profile, max_seq_len, quantize, **options):
     default="auto",
     show_default=True,
     type=click.Choice(["auto", "on", "off"]),
-    help="int4 bundles: pre-pack the weights for MatMulNBits (faster steps, one more copy of the int4 "
-    "weights). auto: when that copy fits the memory budget too.",
+    help="int4 bundles: pre-pack the weights for MatMulNBits (faster steps; the file pages they are packed "
+    "from are dropped, so no more memory with fp32 compute). auto: whenever that needs no more memory, else "
+    "when it fits the memory budget.",
 )
 @click.option("--no-progress", is_flag=True)
 @PROFILE
