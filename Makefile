@@ -87,7 +87,7 @@ bench-quick: $(HOST_STAMP) $(DEVICE_STAMP)
 
 # The real model sizes (benchmarks/large.py): Phi-3-mini and Llama-3.2-1B shapes as bf16 sharded
 # checkpoints; export wall time per stage and host peak RSS, device train/generate RSS vs the planner.
-# Needs ~20 GB free RAM and ~40 GB disk; about an hour on 2 cores.
+# Needs ~20 GB free RAM and ~40 GB disk; about 2 hours on 2 cores.
 .PHONY: bench-large
 bench-large: $(HOST_STAMP) $(DEVICE_STAMP)
 	$(VENV)/bin/python benchmarks/large.py
