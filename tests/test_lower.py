@@ -124,10 +124,12 @@ def test_softmax_grad(axis):
 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
-def test_softmax_cross_entropy_grad(reduction):
-    logits = randn(6, 7) * 3
+@pytest.mark.parametrize("extra", [(), (2,)])  # (N, C) and (N, C, d) logits
+def test_softmax_cross_entropy_grad(reduction, extra):
+    logits = randn(6, 7, *extra) * 3
     labels = np.array([1, -100, 6, 0, -100, 3], np.int64)
-    dy = randn(6) if reduction == "none" else np.array(0.37, np.float32)
+    labels = np.stack([labels, np.roll(labels, 1)], axis=-1) if extra else labels
+    dy = randn(*labels.shape) if reduction == "none" else np.array(0.37, np.float32)
     attrs = {"reduction": reduction, "ignore_index": -100}
     fwd = helper.make_node("SoftmaxCrossEntropyLoss", ["logits", "labels"], ["loss", "log_prob"], **attrs)
     grad = helper.make_node(

@@ -153,9 +153,11 @@ def _cross_entropy_grad(node, b: Builder, const) -> None:
     if ignore is not None:
         valid = b.op("Not", [b.op("Equal", [label, b.const(ignore, np.int64)])])
         label = b.op("Where", [valid, label, b.const(0, np.int64)])
-    depth = b.op("Shape", [log_prob], start=1, end=2)
-    one_hot = b.op("OneHot", [label, depth, b.const([0.0, 1.0], np.float32)], axis=1)
-    diff = b.op("Sub", [b.op("Exp", [log_prob]), one_hot])
+    # softmax - one_hot as a scatter-add of -1 at each label: no vocab-wide one-hot tensor (one
+    # buffer of batch x seq x vocab less at the loss head, and OneHot's slow kernel gone).
+    at = b.op("Unsqueeze", [label, b.const([1], np.int64)])
+    minus_one = b.op("ConstantOfShape", [b.op("Shape", [at])], value=_tensor(np.full(1, -1.0, np.float32)))
+    diff = b.op("ScatterElements", [b.op("Exp", [log_prob]), at, minus_one], axis=1, reduction="add")
     weight = b.op("Cast", [valid], to=1) if valid else b.op("ConstantOfShape", [b.op("Shape", [label])], value=_ones())
     scale = dy
     if reduction == "mean":
