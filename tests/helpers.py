@@ -84,8 +84,15 @@ def ort_logits(bundle: Path, lora: dict[str, np.ndarray], batch: Batch) -> np.nd
     import onnxruntime as ort
 
     model = onnx.load(str(bundle / "eval_model.onnx"))
-    head = [n for n in model.graph.node if n.op_type == "MatMul" and "lm_head" in n.name][-1]
-    model.graph.output.append(onnx.helper.make_tensor_value_info(head.output[0], onnx.TensorProto.FLOAT, None))
+    loops = [n for n in model.graph.node if n.op_type == "Loop"]
+    graph = loops[0].attribute[0].g if loops else model.graph  # a chunked loss head runs in a Loop
+    head = [n for n in graph.node if n.op_type == "MatMul" and "lm_head" in n.name][-1]
+    graph.output.append(onnx.helper.make_tensor_value_info(head.output[0], onnx.TensorProto.FLOAT, None))
+    name = head.output[0]
+    if loops:  # the chunks' logits as one more scan output: [chunks, rows, vocab]
+        name = "chunk_logits"
+        loops[0].output.append(name)
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     feeds = {i.name: lora[i.name] for i in session.get_inputs() if i.name in lora}
     feeds.update(
@@ -94,7 +101,8 @@ def ort_logits(bundle: Path, lora: dict[str, np.ndarray], batch: Batch) -> np.nd
         labels=batch.labels,
         num_loss_tokens=np.array(1.0, np.float32),
     )
-    return session.run([head.output[0]], feeds)[0]
+    logits = session.run([name], feeds)[0]
+    return logits.reshape(-1, logits.shape[-1])[: int(scored_positions(batch).sum())]
 
 
 def first_batch(bundle: Path, data: Path, batch_size: int = 3, lines: int = 6) -> Batch:

@@ -130,4 +130,10 @@ def test_plans_a_model_in_the_torch_free_device_venv():
         [str(Path(DEVICE) / "bin" / "python"), "-c", code, str(model)], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
-    assert "gemma3_text, 1000 M parameters" in result.stdout and "nothing fits 6144 MB" in result.stdout
+    assert "gemma3_text, 1000 M parameters" in result.stdout
+    # vocabulary 262144: the chunked loss head keeps 128 rows of logits, so with layer recomputation
+    # every precision fits the 6 GB board at batch 4 x 512, without it none does
+    rows = [line.split() for line in result.stdout.splitlines()]
+    fits = {(r[0], r[1]): r[-1] for r in rows if len(r) == 6 and r[-1] in ("yes", "no")}
+    assert len(fits) == 8 and all(v == ("yes" if rc == "layers*" else "no") for (_, rc), v in fits.items()), fits
+    assert "edgeft train then recomputes layers" in result.stdout

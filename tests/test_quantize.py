@@ -108,22 +108,32 @@ def test_quantized_bundle_is_smaller(factory, variant, model_type):
         assert all(int(np.prod(i.dims)) <= 64 for i in inline), graph
         external = [i for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
         assert not [i.name for i in external if i.name.endswith(".weight") and "norm" not in i.name], graph
-        ops = [n.op_type for n in model.graph.node]
+        nodes = _all_nodes(model.graph)  # with the loss head's Loop body (edgeft/host/losshead.py)
+        ops = [n.op_type for n in nodes]
         if graph.startswith("decoder"):  # linear weights: int4 MatMulNBits, int8 MatMulInteger, no float MatMul
             assert ("MatMulNBits" in ops) == (scheme == "int4"), graph
             assert ("MatMulInteger" in ops) == (scheme == "int8"), graph
         if graph == "training_model.onnx" and low_precision:  # forward and backward products: MatMulNBits
-            nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+            nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
             backward = [n for n in nbits if n.input[1].endswith(".qdata_t")]
             assert backward and len(nbits) - len(backward) == len(quantized) - 1, graph
-            assert not any("/dq/" in n.name and "embed_tokens" not in n.name for n in model.graph.node)
+            assert not any("/dq/" in n.name and "embed_tokens" not in n.name for n in nodes)
         elif graph == "training_model.onnx":  # the backward re-dequantizes (no float copy kept alive)
-            assert any("/rq/" in n.name for n in model.graph.node)
-            produced = {o: n for n in model.graph.node for o in n.output}
-            for node in model.graph.node:
+            assert any("/rq/" in n.name for n in nodes)
+            produced = {o: n for n in nodes for o in n.output}
+            for node in nodes:
                 if node.op_type == "FusedMatMul" and "_Grad" in node.name:
                     src = produced.get(node.input[1])
                     assert not (src is not None and src.op_type == "Transpose" and src.input[0] in names), node.name
+
+
+def _all_nodes(graph) -> list:
+    """The graph's nodes and those of its subgraphs (Loop bodies)."""
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        nodes += [n for a in node.attribute if a.type == a.GRAPH for n in _all_nodes(a.g)]
+    return nodes
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

@@ -23,7 +23,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from edgeft.bundle import Bundle
+from edgeft.bundle import Bundle, loss_chunk_rows
 from edgeft.errors import EdgeftError
 from edgeft.models import MODEL_TABLE, model_facts
 from edgeft.tasks import Task
@@ -39,6 +39,9 @@ TRAIN_PER_LAYER_TOKEN = 6.00  # x T * layers * (hidden + intermediate) floats sa
 # 768 wide, batch 4 x 1024: 7837 MB kept, 5773 MB recomputed).
 TRAIN_ATTENTION = 1.36
 TRAIN_VOCAB = 4.12  # x T * vocab floats (logits etc.; exist for labelled rows only: T is the upper bound)
+# A chunked loss head (manifest loss_chunk_rows) holds one chunk's rows: T becomes min(T, rows) in both
+# vocab terms. Checked (vocab 128256 / 151936 / 32064 shapes, batch 1-4, seq 256-1024, both graphs):
+# planned -7 % to +25 % of measured; the worst (+22-25 %) at seq 1024 and where few embedding rows are read.
 # With layer recomputation (same 30 runs): each layer's input kept, one layer's activations at a time.
 RECOMPUTE_OVERHEAD_MB = 20.3
 RECOMPUTE_KEPT = 1.0  # x T * layers * hidden floats: each layer's input (fixed, not fitted)
@@ -106,13 +109,15 @@ class _Shape:
     activation_factor: float  # per model type, edgeft/models.py
     recompute_factor: float
     attention_kept: bool = False  # the plain training graph keeps every layer's probabilities (older bundles)
+    loss_rows: int = 0  # labelled rows per chunk of the loss head (0: all at once, older bundles)
 
     @classmethod
     def of(cls, bundle: Bundle) -> _Shape:
         labels = Task.of(bundle.manifest).labels
         shape = cls.from_config(json.loads(bundle.path("config.json").read_text()), len(labels) if labels else None)
-        kept = not bundle.manifest["graphs"].get("training", {}).get("recompute_attention", False)
-        return replace(shape, attention_kept=kept)
+        training = bundle.manifest["graphs"].get("training", {})
+        kept = not training.get("recompute_attention", False)
+        return replace(shape, attention_kept=kept, loss_rows=training.get("loss_chunk_rows", 0))
 
     @classmethod
     def from_config(cls, c: dict, logits: int | None = None) -> _Shape:
@@ -128,6 +133,7 @@ class _Shape:
             logits or c["vocab_size"],
             facts.train_activation_factor if facts else 1.0,
             facts.recompute_activation_factor if facts else 1.0,
+            loss_rows=0 if logits else loss_chunk_rows(c["vocab_size"]),  # what export makes by default
         )
 
 
@@ -218,7 +224,7 @@ def _train_activations_mb(s: _Shape, batch: int, seq: int) -> float:
     floats = (
         TRAIN_PER_LAYER_TOKEN * s.activation_factor * tokens * s.layers * (s.hidden + s.intermediate)
         + (TRAIN_ATTENTION * s.layers if s.attention_kept else RECOMPUTE_ATTENTION) * batch * s.heads * seq * seq
-        + TRAIN_VOCAB * tokens * s.vocab
+        + TRAIN_VOCAB * _loss_rows(s, tokens) * s.vocab
     )
     return floats * F32 / MB
 
@@ -231,9 +237,14 @@ def _recompute_activations_mb(s: _Shape, batch: int, seq: int) -> float:
         RECOMPUTE_KEPT * tokens * s.layers * s.hidden
         + RECOMPUTE_LAYER_TOKEN * s.recompute_factor * tokens * (s.hidden + s.intermediate)
         + RECOMPUTE_ATTENTION * batch * s.heads * seq * seq
-        + RECOMPUTE_VOCAB * tokens * s.vocab
+        + RECOMPUTE_VOCAB * _loss_rows(s, tokens) * s.vocab
     )
     return floats * F32 / MB
+
+
+def _loss_rows(s: _Shape, tokens: int) -> int:
+    """Rows of vocabulary-wide tensors alive at once: one chunk's in a chunked loss head."""
+    return min(tokens, s.loss_rows) if s.loss_rows else tokens
 
 
 def _prefill_mb(s: _Shape, prompt: int) -> float:

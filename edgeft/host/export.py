@@ -21,7 +21,16 @@ from pathlib import Path
 import numpy as np
 
 from edgeft import __version__
-from edgeft.bundle import FORMAT_VERSION, GRAPH_INPUTS, MANIFEST, TOKENIZER_FILES, file_table, is_head, peft_key
+from edgeft.bundle import (
+    FORMAT_VERSION,
+    GRAPH_INPUTS,
+    MANIFEST,
+    TOKENIZER_FILES,
+    file_table,
+    is_head,
+    loss_chunk_rows,
+    peft_key,
+)
 from edgeft.errors import EdgeftError
 from edgeft.fsutil import atomic_write_json, staged_directory
 from edgeft.host.graph import WEIGHTS, externalize
@@ -67,6 +76,7 @@ class ExportConfig:
     quant_compute: str = "fp32"  # int4 training matmuls: "fp32" | "int8" (MatMulNBits) | "dequant" (float32)
     task: str = CAUSAL_LM  # "causal-lm" | "seq-cls" | "token-cls" (edgeft/tasks.py)
     labels: list[str] | None = None  # the classes of seq-cls / token-cls, in class-id order
+    loss_chunk_rows: int | None = None  # causal-lm loss head in chunks of rows (None: 128 MB of logits; 0: off)
 
     @property
     def task_spec(self) -> Task:
@@ -389,6 +399,7 @@ def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out:
     import onnx
 
     from edgeft.host.decoder import export_decoders
+    from edgeft.host.losshead import chunk_loss_head
     from edgeft.host.training import differentiate, trace_loss
 
     task = cfg.task_spec
@@ -431,6 +442,10 @@ def _write_bundle(cfg: ExportConfig, peft_model, lora_cfg, hf_config: dict, out:
     graphs = {}
     with stage("recompute, save the training graphs"):
         variants = _training_graphs(cfg.recompute, training, evaluation)
+        chunk = cfg.loss_chunk_rows if cfg.loss_chunk_rows is not None else loss_chunk_rows(hf_config["vocab_size"])
+        for name, model, _, flags in variants:
+            if chunk and not task.is_classification and chunk_loss_head(model.graph, chunk) and name != "eval":
+                flags["loss_chunk_rows"] = chunk
     for name, model, file, flags in variants:
         externalize(model.graph, file_keys, ranges, {})
         onnx.save(model, str(out / file))
