@@ -116,6 +116,12 @@ TRUSTED_KEY = click.option(
     "graphs and let `edgeft train` pick the one that fits the device's memory.",
 )
 @click.option(
+    "--loss-chunk-rows",
+    type=click.IntRange(min=0),
+    help="Causal LM: run the loss head over this many labelled rows at a time (0: all at once). Fewer rows "
+    "hold less memory and take a little longer. [default: 128 MB of float32 logits, at least 128 rows]",
+)
+@click.option(
     "--task",
     type=click.Choice(["causal-lm", "seq-cls", "token-cls"]),
     default="causal-lm",

@@ -71,3 +71,25 @@ def test_the_head_runs_inside_the_loop(factory):
         head = {"SoftmaxCrossEntropyLoss", "MatMul"} | ({"Exp", "Gemm"} if "eval" not in name else set())
         assert head <= body, (name, body)
         assert "OneHot" not in body, "the cross-entropy's gradient scatter-adds -1 at the labels"
+
+
+def test_export_cli_sets_the_chunk_and_refuses_a_negative_one(factory, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from edgeft.cli import main
+
+    model = factory.model("llama")
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(main, ["export", str(model), "--out", str(out), "--loss-chunk-rows", "24"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "manifest.json").read_text())["graphs"]["training"]["loss_chunk_rows"] == 24
+    bad = CliRunner().invoke(main, ["export", str(model), "--out", str(tmp_path / "b"), "--loss-chunk-rows", "-1"])
+    assert bad.exit_code == 2 and "--loss-chunk-rows" in bad.output and not (tmp_path / "b").exists()
+    from edgeft.errors import EdgeftError
+    from edgeft.host.export import ExportConfig, export_bundle
+
+    with pytest.raises(EdgeftError, match="--loss-chunk-rows must be a whole number >= 0"):
+        export_bundle(ExportConfig(model_dir=model, out=tmp_path / "c", loss_chunk_rows=-8))
+    assert not (tmp_path / "c").exists()

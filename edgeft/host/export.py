@@ -158,6 +158,8 @@ def _check_method_options(cfg: ExportConfig) -> None:
         raise EdgeftError(f"--quant-compute must be one of {', '.join(ACCURACY_LEVELS)}, not {cfg.quant_compute!r}")
     if cfg.recompute not in RECOMPUTE:
         raise EdgeftError(f"--recompute must be one of {', '.join(RECOMPUTE)}, not {cfg.recompute!r}")
+    if cfg.loss_chunk_rows is not None and (not isinstance(cfg.loss_chunk_rows, int) or cfg.loss_chunk_rows < 0):
+        raise EdgeftError(f"--loss-chunk-rows must be a whole number >= 0, not {cfg.loss_chunk_rows!r}")
     if cfg.use_dora and getattr(cfg, "quantize", None):
         raise EdgeftError("--dora cannot be combined with --quantize (DoRA needs the float base weights)")
     if cfg.quantize is not None:
