@@ -119,7 +119,22 @@ def export(name: str, model: Path, precision: str) -> dict:
     stages = {m.group(1): float(m.group(2)) for m in re.finditer(r"export stage: (.+?): ([\d.]+) s", result.stderr)}
     size = sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file())
     log(f"{name}: export {precision}: {seconds / 60:.1f} min, peak {peak / 1024:.1f} GB, bundle {size / 2**30:.2f} GB")
-    return {"seconds": seconds, "peak_rss_mb": peak, "stages_s": stages, "bundle_bytes": size, "bundle": str(bundle)}
+    return {
+        "seconds": seconds,
+        "peak_rss_mb": peak,
+        "stages_s": stages,
+        "bundle_bytes": size,
+        "bundle": str(bundle),
+        "source": source(),
+    }
+
+
+def source() -> dict:
+    """Which edgeft measured a row: the commit, whether the tree had uncommitted changes, when."""
+    git = ["git", "-C", str(ROOT)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    return {"commit": commit or "unknown", "clean": not dirty.stdout.strip(), "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
 def device_runs(name: str, bundle: Path, steps: int) -> dict:
@@ -131,7 +146,7 @@ def device_runs(name: str, bundle: Path, steps: int) -> dict:
         rng = random.Random(0)
         lines = [json.dumps({"text": " ".join(rng.choice(words) for _ in range(600))}) for _ in range(8)]
         data.write_text("\n".join(lines) + "\n")
-    out = {"plan": plan(bundle)}
+    out = {"plan": plan(bundle), "source": source()}
     # auto: the planner's choice for the memory this machine has free; layers: what a 5 GB device runs
     for recompute in ("auto", "layers"):
         out["train" if recompute == "auto" else "train_recompute"] = _train(name, bundle, data, steps, recompute)

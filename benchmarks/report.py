@@ -714,8 +714,27 @@ def _large() -> str:
             stages.append(
                 f"- {name} {precision}: " + ", ".join(f"{k} {v:.0f} s" for k, v in export["stages_s"].items())
             )
-    return "\n".join([*rows, "", "Where the export time goes (`export stage:` log lines):", "", *stages, "",
-                      *_large_findings(d)])  # fmt: skip
+    return "\n".join([*rows, "", *_large_sources(d), "Where the export time goes (`export stage:` log lines):", "",
+                      *stages, "", *_large_findings(d)])  # fmt: skip
+
+
+def _large_sources(d: dict) -> list[str]:
+    """Which edgeft measured the rows (large.py records it with each export and each row's device runs)."""
+
+    def what(s: dict | None) -> str:
+        return f"edgeft {s['commit']}{'' if s['clean'] else ' with uncommitted changes'}" if s else "not recorded"
+
+    seen: dict[str, list[str]] = {}
+    for name, entry in d.items():
+        for key, export in entry.items():
+            if key.startswith("export_"):
+                precision = key.removeprefix("export_")
+                made, ran = what(export.get("source")), what(entry.get(f"device_{precision}", {}).get("source"))
+                label = made if made == ran else f"export {made}, device runs {ran}"
+                seen.setdefault(label, []).append(f"{name} {precision}")
+    if list(seen) == ["not recorded"]:
+        return []
+    return ["Measured by: " + "; ".join(f"{label} ({', '.join(rows)})" for label, rows in seen.items()) + ".", ""]
 
 
 def _large_findings(d: dict) -> list[str]:
