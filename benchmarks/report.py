@@ -768,19 +768,18 @@ def _large_findings(d: dict) -> list[str]:
         "the backward, pre-packed by `edgeft train --prepack auto` (the default): MLAS repacks the 4-bit data at "
         "session start while edgeft drops the weights file's pages it read (`edgeft/device/weights.py`), and reads "
         "the scales from the file, so the weights cost what is stored (4.5 GB at blocks of 32) and no float32 "
-        "copy of a weight exists; at blocks of 32 the recomputing step stays under 5 GB by 15 MB, the rest being "
+        f"copy of a weight exists; at blocks of 32 the recomputing step {_margin(phi)}, the rest being "
         "~470 MB of activations and arena, the LoRA state and the runtime (a second copy of the initial adapter, "
-        "kept alive through the run, cost 29 MB of it until this run). Before (`--quant-compute int8`, unpacked) it "
+        "kept alive through the run, cost 29 MB of it until edgeft stopped keeping it). Before "
+        "(`--quant-compute int8`, unpacked) it "
         "peaked at 5434 MB and took 103 s a step. `--quant-compute dequant` stores W once and dequantizes one "
-        "layer's weights at a time: smaller, but its recomputing step peaks 50 % above the planner. The ORT "
+        f"layer's weights at a time: smaller, but its recomputing step peaks {_over_plan(phi)} the planner. The ORT "
         "profiler over one such step puts the live tensors at its peak at 1.2 GB beside the 2.3 GB of mapped "
         "weights; the rest is onnxruntime's CPU arena keeping freed blocks, fragmented by those per-layer float32 "
         "weights. Without the arena (and a fixed glibc mmap threshold) one step peaked at 4108 MB, but three steps "
         "at 5860 MB and 179 s a step: not taken. Blocks of 128 (the group size of GPTQ/AWQ checkpoints and of "
         "onnxruntime's own int4 quantizer) make both int4 layouts 15 % smaller and bring the recomputing step to "
-        "4.5 GB; the default block stays 32 (the accuracy cost of 128 is not measured here). The int4-dequant row "
-        "was exported by an earlier edgeft (its plain training graph keeps attention probabilities); int4-b128 "
-        "beside a `make test` run, which inflates its export time.",
+        "4.5 GB; the default block stays 32 (the accuracy cost of 128 is not measured here).",
         "",
         "The planner counts, for int4 training through MatMulNBits, the float32 temporary of an unpacked call "
         "(`--prepack off`: onnxruntime's MatMulNBits without its packed layout dequantizes its whole weight per "
@@ -793,6 +792,22 @@ def _large_findings(d: dict) -> list[str]:
         "The plans of rows measured earlier are `large.py --replan` of the bundles they measured.",
         "",
     ]
+
+
+def _over_plan(phi: dict) -> str:
+    """The dequant bundle's recomputing peak against its plan."""
+    dev = phi.get("device_int4-dequant", {})
+    peak, plan = dev.get("train_recompute", {}).get("peak_rss_mb"), dev.get("plan", {}).get("train_recompute_peak_mb")
+    return f"{peak / plan - 1:.0%} above" if peak and plan else "(not measured) against"
+
+
+def _margin(phi: dict) -> str:
+    """How far the default int4 bundle's recomputing step is from the 5 GB target."""
+    peak = phi.get("device_int4", {}).get("train_recompute", {}).get("peak_rss_mb")
+    if peak is None:
+        return "was not measured"
+    gap = 5 * 1024 - peak
+    return f"stays under 5 GB by {gap:.0f} MB" if gap >= 0 else f"is {-gap:.0f} MB over 5 GB"
 
 
 def _vs_plan(measured: float, planned: float | None) -> str:
